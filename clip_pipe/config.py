@@ -1,0 +1,233 @@
+"""One typed config tree for a training run.
+
+A run is described by a YAML file (see `configs/`) plus dotted command-line overrides such as
+`optim.lr=3e-4`. Both go through `load_config`, which builds the dataclasses below field by field:
+unknown keys and values of the wrong type are `ValueError`s that name the key, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    """Training shard sets: folders written by `data_prep/` (each holds `sizes.json`)."""
+    batch_size: int = 64
+    """Samples per rank per step. The global batch (and the loss's negatives) is this × world size."""
+    num_workers: int = 1
+    """Loader processes per rank. They share the rank's cores, so more is not always faster."""
+    shuffle_buffer: int = 1000
+    """Samples held in each worker's shuffle buffer."""
+    seed: int = 0
+    """Seeds the shard order and the shuffle buffer."""
+
+    def __post_init__(self):
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        _check(self.batch_size >= 1, "data.batch_size must be >= 1")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "clip-pipe-test"
+    """An open_clip model name (`ViT-B-32`, ...) or one shipped in `clip_pipe/model_configs/`."""
+    hf_text_model: str | None = None
+    """Replace the text tower by a Hugging Face model (hub id or local folder with config + tokenizer)."""
+    hf_pretrained: bool = False
+    """Load the Hugging Face tower's pretrained weights (False: random init from its config)."""
+    context_length: int | None = None
+    """Override the tokenizer's context length."""
+    pretrained: str | None = None
+    """Start from an open_clip state dict file (or an open_clip pretrained tag)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    """`cosine` (linear warmup, cosine decay to min_lr) or `constant` (linear warmup, then flat)."""
+    weight_decay: float = 0.2
+    """Decoupled weight decay on matrices; biases, norms and the logit scale are never decayed."""
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables. Always explicit: DeepSpeed defaults to 1.0."""
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr must be > 0")
+        _check(0 <= self.min_lr <= self.lr, "optim.min_lr must be in [0, optim.lr]")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _check(self.schedule in ("cosine", "constant"), "optim.schedule must be 'cosine' or 'constant'")
+        _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class EvalConfig:
+    sets: list[str] = field(default_factory=list)
+    """Zero-shot eval sets in CLIP_benchmark's WebDataset layout (see `data_prep/make_eval_set.py`)."""
+    batch_size: int = 256
+    """Images per rank per forward pass during evaluation."""
+    every_steps: int = 0
+    """Also evaluate every N steps (0: only at the end, which always happens)."""
+
+    def __post_init__(self):
+        if isinstance(self.sets, str):
+            self.sets = [self.sets]
+        _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
+        _check(self.every_steps >= 0, "eval.every_steps must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs/{name}"
+    """Run directory; `{name}` is replaced by `run.name`."""
+    steps: int = 100
+    """Optimizer steps to train for."""
+    precision: str = "fp32"
+    """`fp32` or `bf16` (DeepSpeed's bf16 mode: bf16 weights and activations, fp32 master weights)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0, 1 or 2)."""
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    """Save a resumable checkpoint every N steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Keep only the newest N checkpoints (0 keeps all)."""
+    threads_per_rank: int = 0
+    """torch intra-op threads per rank; 0 splits the machine's cores evenly between local ranks."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON merged over the one generated from this config, for deliberate overrides."""
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "run.steps must be >= 1")
+        _check(self.precision in ("fp32", "bf16"), "run.precision must be 'fp32' or 'bf16'")
+        _check(self.zero_stage in (0, 1, 2), "run.zero_stage must be 0, 1 or 2")
+        _check(self.log_every >= 1, "run.log_every must be >= 1")
+        _check(self.checkpoint_every >= 1, "run.checkpoint_every must be >= 1")
+        _check(self.keep_checkpoints >= 0, "run.keep_checkpoints must be >= 0")
+        _check(self.threads_per_rank >= 0, "run.threads_per_rank must be >= 0")
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.out_dir.format(name=self.name))
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        _check(bool(self.data.train), "data.train must name at least one shard folder")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Build a `TrainConfig` from a YAML file and `key.sub=value` overrides (applied in order)."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    return from_dict(TrainConfig, raw)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        node = tree.setdefault(name, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {name!r} is not a section")
+        tree = node
+    tree[leaf] = value
+
+
+def from_dict(cls, raw: dict, prefix: str = ""):
+    """Build dataclass `cls` from a plain dict, checking every key and value type."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown config key '{prefix}{key}'{hint}; valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str):
+    """Return `value` as type `hint`, or raise a ValueError naming `key`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ValueError(f"config key {key!r} expects a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string; accept it as the number it plainly is.
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ValueError(f"config key {key!r} expects {hint.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

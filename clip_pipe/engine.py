@@ -1,0 +1,153 @@
+"""Everything DeepSpeed: process group, engine, step, checkpoints. No other module imports it.
+
+The DeepSpeed JSON is generated from our config, so there is one source of truth; `run.deepspeed_config`
+names a JSON merged over it for deliberate overrides (DeepSpeed users' own settings keep working).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from torch import nn
+
+from clip_pipe.config import TrainConfig
+from clip_pipe.distributed import DistEnv, export_env
+
+logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+deepspeed.utils.logger.setLevel(logging.WARNING)
+
+
+def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
+    """Join the job's process group (NCCL on GPUs, gloo on CPUs; DeepSpeed picks)."""
+    export_env(env)
+    if os.environ.get("CLIP_PIPE_SKIP_SHM_BUILD") == "1":
+        # DeepSpeed's CPU shared-memory all-reduce is JIT-compiled on first use (30-60 s); tests skip it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.data.batch_size * world_size,
+        # DeepSpeed clips at 1.0 unless told otherwise; ours is always explicit (0 = off).
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.run.zero_stage},
+        "bf16": {"enabled": cfg.run.precision == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": [cfg.optim.beta1, cfg.optim.beta2],
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+                # torch's AdamW runs everywhere; DeepSpeed's FusedAdam needs a CUDA build.
+                "torch_adam": True,
+            },
+        },
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if cfg.run.deepspeed_config:
+        path = Path(cfg.run.deepspeed_config)
+        if not path.is_file():
+            raise ValueError(f"run.deepspeed_config: no such file {path}")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"run.deepspeed_config {path} is not valid JSON: {e}") from None
+        config = _merge(config, user)
+    return config
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases, norm gains and the logit scale (all < 2-D) are left alone."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's checkpoint engine, but loading with `weights_only=True` (no arbitrary unpickling)."""
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_DEEPSPEED_CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _deepspeed_checkpoint_globals() -> list:
+    # The plain-data classes DeepSpeed pickles into its checkpoints, allowed by name and nothing else.
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+_DEEPSPEED_CHECKPOINT_GLOBALS = _deepspeed_checkpoint_globals()
+
+
+class Engine:
+    """A DeepSpeed engine around the dual encoder, with the step and checkpoint calls we use."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, world_size: int):
+        self.config = deepspeed_config(cfg, world_size)
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.config
+        )
+        self.ds.checkpoint_engine = WeightsOnlyCheckpointEngine(self.ds._config)
+        self.dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor):
+        return self.ds(images.to(self.device, self.dtype), texts.to(self.device))
+
+    def train_step(self, images: torch.Tensor, texts: torch.Tensor, loss_fn: nn.Module, lr: float):
+        """One optimizer step; returns the detached loss and the global grad norm (None if unclipped)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.ds.train()
+        image_features, text_features, logit_scale = self.forward(images, texts)
+        loss = loss_fn(image_features, text_features, logit_scale)
+        self.ds.backward(loss)
+        self.ds.step()
+        return loss.detach(), self.ds.get_global_grad_norm()
+
+    def save(self, checkpoint_dir: Path, tag: str, client_state: dict) -> None:
+        """Collective: every rank writes its part; `latest` then names `tag`."""
+        self.ds.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state)
+
+    def load(self, checkpoint_dir: Path, tag: str | None = None) -> dict | None:
+        """Collective: restore weights, optimizer and our client state; None if nothing to load."""
+        path, client_state = self.ds.load_checkpoint(str(checkpoint_dir), tag=tag)
+        return client_state if path is not None else None

@@ -1,0 +1,168 @@
+"""Build the dual encoder: an open_clip model, optionally with a Hugging Face text tower.
+
+The model knows nothing of ranks. Its forward returns L2-normalised image and text features plus
+`exp(logit_scale)`; the loss does the rest. Every model is described by an open_clip architecture dict
+(`model_cfg`, the `model_cfg` of an `open_clip_config.json`), so what we train, export and reload is
+always something open_clip itself can build.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+from torch import nn
+
+from clip_pipe.config import ModelConfig
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+# The file names open_clip's `local-dir:` loader looks for.
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+
+
+@dataclass
+class DualEncoder:
+    """A model plus everything needed to feed it."""
+
+    model: nn.Module
+    model_cfg: dict[str, Any]
+    preprocess_train: Any
+    preprocess_val: Any
+    tokenizer: Any
+
+    @property
+    def open_clip_config(self) -> dict[str, Any]:
+        return {"model_cfg": self.model_cfg, "preprocess_cfg": self.model.visual.preprocess_cfg}
+
+
+def model_cfg_for(cfg: ModelConfig) -> dict[str, Any]:
+    """The open_clip architecture dict that `cfg` asks for."""
+    model_cfg = open_clip.get_model_config(cfg.name)
+    if model_cfg is None:
+        raise ValueError(
+            f"unknown model {cfg.name!r}: not an open_clip model name nor one of ours in {MODEL_CONFIG_DIR}. "
+            f"Known: {', '.join(open_clip.list_models())}"
+        )
+    model_cfg = copy.deepcopy(model_cfg)
+    if cfg.hf_text_model:
+        context_length = cfg.context_length or model_cfg["text_cfg"].get("context_length", 77)
+        model_cfg["text_cfg"] = {
+            "hf_model_name": cfg.hf_text_model,
+            "hf_tokenizer_name": cfg.hf_text_model,
+            "hf_proj_type": "mlp",
+            "hf_pooler_type": "mean_pooler",
+            "context_length": context_length,
+        }
+        model_cfg["custom_text"] = True
+    elif cfg.context_length:
+        model_cfg["text_cfg"]["context_length"] = cfg.context_length
+    return model_cfg
+
+
+def build_model(cfg: ModelConfig) -> DualEncoder:
+    encoder = create(model_cfg_for(cfg), hf_pretrained=cfg.hf_pretrained)
+    if cfg.pretrained:
+        load_weights(encoder.model, cfg.pretrained, model_name=cfg.name)
+    return encoder
+
+
+def create(model_cfg: dict[str, Any], hf_pretrained: bool = False) -> DualEncoder:
+    """Instantiate an open_clip model from its architecture dict, with random weights."""
+    model_cfg = copy.deepcopy(model_cfg)
+    extra_preprocess = model_cfg.pop("preprocess_cfg", {})
+    if "multimodal_cfg" in model_cfg:
+        raise ValueError("CoCa-style models (multimodal_cfg) are not supported; pick a CLIP model")
+    text_cfg = model_cfg["text_cfg"]
+    is_custom_text = model_cfg.get("custom_text", False) or "hf_model_name" in text_cfg
+    build_cfg = {k: v for k, v in model_cfg.items() if k != "custom_text"}
+    if "hf_model_name" in text_cfg:
+        build_cfg["text_cfg"] = {**text_cfg, "hf_model_pretrained": hf_pretrained}
+    model_class = open_clip.CustomTextCLIP if is_custom_text else open_clip.CLIP
+    # DeepSpeed cannot broadcast 0-dim parameters, so logit_scale is shape (1,) while we train;
+    # `export_state_dict` gives it back its 0-dim shape for open_clip.
+    model = model_class(**build_cfg, nonscalar_logit_scale=True)
+
+    preprocess_cfg = merge_preprocess_dict(
+        asdict(PreprocessCfg(size=model_cfg["vision_cfg"].get("image_size", 224))),
+        extra_preprocess,
+    )
+    open_clip.model.set_model_preprocess_cfg(model, preprocess_cfg)
+    pp = PreprocessCfg(**preprocess_cfg)
+    return DualEncoder(
+        model=model,
+        model_cfg=model_cfg,
+        preprocess_train=image_transform_v2(pp, is_train=True),
+        preprocess_val=image_transform_v2(pp, is_train=False),
+        tokenizer=build_tokenizer(model_cfg),
+    )
+
+
+def build_tokenizer(model_cfg: dict[str, Any]):
+    text_cfg = model_cfg["text_cfg"]
+    context_length = text_cfg.get("context_length", 77)
+    if "hf_tokenizer_name" in text_cfg:
+        return HFTokenizer(
+            text_cfg["hf_tokenizer_name"],
+            context_length=context_length,
+            **text_cfg.get("tokenizer_kwargs", {}),
+        )
+    return SimpleTokenizer(context_length=context_length)
+
+
+def load_weights(model: nn.Module, source: str, model_name: str | None = None) -> None:
+    """Load an open_clip state dict file (or an open_clip pretrained tag) into `model`."""
+    path = Path(source)
+    if not path.is_file():
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, source) if model_name else None
+        if not tag_cfg:
+            raise ValueError(
+                f"pretrained weights {source!r}: no such file, nor a pretrained tag of {model_name!r}"
+            )
+        path = Path(open_clip.download_pretrained(tag_cfg))
+    # open_clip's loader reads with weights_only=True and reshapes a 0-dim logit_scale to ours.
+    open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+
+
+def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A plain fp32 CPU state dict in open_clip's own layout (0-dim logit_scale and logit_bias)."""
+    state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+    for key in ("logit_scale", "logit_bias"):
+        if key in state:
+            state[key] = state[key].reshape(())
+    return state
+
+
+def save_export(model: nn.Module, model_cfg: dict, out_dir: Path, filename: str = "model.pt") -> Path:
+    """Write `model.pt` plus `open_clip_config.json` beside it, so the folder describes itself."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / filename
+    tmp = path.with_suffix(".tmp")
+    torch.save(export_state_dict(model), tmp)
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    config = {"model_cfg": model_cfg, "preprocess_cfg": model.visual.preprocess_cfg}
+    (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
+    return path
+
+
+def load_export(path: str | Path) -> DualEncoder:
+    """Rebuild a model from a `model.pt` with its `open_clip_config.json` beside it."""
+    path = Path(path)
+    config_path = path.parent / OPEN_CLIP_CONFIG
+    if not path.is_file():
+        raise ValueError(f"checkpoint not found: {path}")
+    if not config_path.is_file():
+        raise ValueError(f"{path} has no {OPEN_CLIP_CONFIG} beside it, so its architecture is unknown")
+    config = json.loads(config_path.read_text())
+    model_cfg = {**config["model_cfg"], "preprocess_cfg": config.get("preprocess_cfg", {})}
+    encoder = create(model_cfg)
+    load_weights(encoder.model, str(path))
+    return encoder

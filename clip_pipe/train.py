@@ -1,0 +1,186 @@
+"""The training loop: one readable `while step < num_steps` loop that ends with zero-shot evaluation.
+
+Run directory (`run.out_dir`):
+    config.yaml         the resolved config        ds_config.json   the DeepSpeed config it generated
+    train.log           the log                    metrics.jsonl    one record per logged step / eval
+    training.png        loss, lr, throughput       zeroshot.json    final zero-shot results per eval set
+    checkpoints/        resumable DeepSpeed checkpoints, each with an exported `model.pt`
+    model.pt + open_clip_config.json               the final model, loadable by open_clip
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from clip_pipe.config import OptimConfig, TrainConfig, save_config
+from clip_pipe.data import build_train_loader, list_shards
+from clip_pipe.distributed import env_from_os, threads_per_rank
+from clip_pipe.engine import Engine, init_process_group
+from clip_pipe.loss import ClipLoss
+from clip_pipe.metrics import MetricsLog, plot_metrics, setup_logging
+from clip_pipe.model import DualEncoder, build_model, save_export
+from clip_pipe.zeroshot import evaluate, format_results, read_eval_set
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, optim: OptimConfig, num_steps: int) -> float:
+    """Learning rate for the update made at `step` (0-based): linear warmup, then cosine or flat."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    progress = (step - optim.warmup_steps) / max(1, num_steps - optim.warmup_steps)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict:
+    """Train as configured, then run zero-shot eval. Returns {eval set name: results} (every rank)."""
+    env = env_from_os()
+    torch.set_num_threads(threads_per_rank(env, cfg.run.threads_per_rank))
+    run_dir, checkpoint_dir = cfg.run.dir, cfg.run.dir / "checkpoints"
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir, env.is_main)
+    # Fail on a bad path now, not after the process group and model are up.
+    shards = list_shards(cfg.data.train)
+    eval_sets = [read_eval_set(path) for path in cfg.eval.sets]
+
+    init_process_group(env)
+    torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
+    encoder = build_model(cfg.model)
+    engine = Engine(encoder.model, cfg, env.world_size)
+    loss_fn = ClipLoss(env.rank, env.world_size)
+    global_batch = cfg.data.batch_size * env.world_size
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+
+    step = 0
+    if resume:
+        state = engine.load(checkpoint_dir, tag=None if resume == "latest" else resume)
+        if state is None:
+            log.info("no checkpoint in %s: starting from step 0", checkpoint_dir)
+        else:
+            step = state["step"]
+            log.info("resumed from %s at step %d", checkpoint_dir, step)
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2))
+        metrics.truncate_after(step)
+    num_samples = sum(s.num_samples for s in shards)
+    log.info(
+        "training %s for %d steps: %d ranks × %d = %d samples/step, %d shards (%d samples), %.2f epochs",
+        cfg.model.name, cfg.run.steps, env.world_size, cfg.data.batch_size, global_batch,
+        len(shards), num_samples, cfg.run.steps * global_batch / num_samples,
+    )  # fmt: skip
+
+    # A resumed run draws a fresh shard order rather than replaying the first steps' data.
+    loader = build_train_loader(
+        shards, cfg.data.batch_size, cfg.data.num_workers, encoder.preprocess_train, encoder.tokenizer,
+        env.rank, env.world_size, seed=cfg.data.seed + step, shuffle_buffer=cfg.data.shuffle_buffer,
+    )  # fmt: skip
+    batches = iter(loader)
+    num_skipped = 0
+    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+    progress = tqdm(total=cfg.run.steps, initial=step, disable=not env.is_main, desc="train", unit="step")
+    while step < cfg.run.steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - t0
+        lr = lr_at(step, cfg.optim, cfg.run.steps)
+        loss, grad_norm = engine.train_step(batch["images"], batch["texts"], loss_fn, lr)
+        num_skipped += batch["num_skipped"]
+        step += 1
+        window_steps += 1
+        progress.update(1)
+
+        if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+            loss = _sum_over_ranks(loss, env.world_size, engine.device) / env.world_size
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": step,
+                "epoch": step * global_batch / num_samples,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "logit_scale": float(
+                    engine.module.logit_scale.detach().exp().clamp(max=loss_fn.max_logit_scale)
+                ),
+                "samples_per_s": window_steps * global_batch / elapsed,
+                "data_wait_frac": data_wait / elapsed,
+            }
+            if env.is_main:
+                metrics.write(record)
+            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.0f}")
+            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+
+        if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
+            save_checkpoint(engine, encoder, checkpoint_dir, step, cfg.run.keep_checkpoints, env.is_main)
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.run.steps:
+            run_zeroshot(engine, encoder, eval_sets, cfg, env, step, metrics)
+    progress.close()
+
+    results = run_zeroshot(engine, encoder, eval_sets, cfg, env, step, metrics)
+    num_skipped = int(_sum_over_ranks(num_skipped, env.world_size, engine.device))
+    if env.is_main:
+        (run_dir / "zeroshot.json").write_text(json.dumps(results, indent=2))
+        save_export(engine.module, encoder.model_cfg, run_dir)
+        plot_metrics(metrics.read(), run_dir / "training.png")
+        log.info(
+            "done: %d steps, %d training samples skipped as unreadable; run dir %s",
+            step,
+            num_skipped,
+            run_dir,
+        )
+    return results
+
+
+def run_zeroshot(engine, encoder, eval_sets, cfg: TrainConfig, env, step: int, metrics: MetricsLog) -> dict:
+    """Evaluate on every eval set; all ranks take part, each on its share of the images."""
+    results = {}
+    for eval_set in eval_sets:
+        r = evaluate(
+            engine.module, encoder.preprocess_val, encoder.tokenizer, eval_set, cfg.eval.batch_size,
+            env.rank, env.world_size, engine.device, engine.dtype,
+        )  # fmt: skip
+        results[eval_set.name] = r
+        log.info("zero-shot @ step %d  %s", step, format_results(r))
+        if env.is_main:
+            metrics.write(
+                {
+                    "step": step,
+                    "eval_set": eval_set.name,
+                    "zeroshot_top1": r["top1"],
+                    "zeroshot_top5": r["top5"],
+                }
+            )
+    return results
+
+
+def save_checkpoint(
+    engine: Engine, encoder: DualEncoder, checkpoint_dir: Path, step: int, num_keep: int, is_main: bool
+) -> None:
+    tag = f"step_{step:08d}"
+    engine.save(checkpoint_dir, tag, client_state={"step": step})
+    if is_main:
+        # Beside DeepSpeed's files, a plain state dict that open_clip and `launch/zeroshot.py` read.
+        save_export(engine.module, encoder.model_cfg, checkpoint_dir / tag)
+        if num_keep:
+            for old in sorted(checkpoint_dir.glob("step_*"))[:-num_keep]:
+                shutil.rmtree(old)
+
+
+def _sum_over_ranks(value, world_size: int, device: torch.device) -> float:
+    # On the engine's device: NCCL reduces GPU tensors only.
+    value = torch.as_tensor(value, dtype=torch.float64).to(device).clone()
+    if world_size > 1:
+        dist.all_reduce(value)
+    return float(value)

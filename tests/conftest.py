@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny shard sets written per test, and real multi-process runs over gloo."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+import webdataset as wds
+from PIL import Image
+
+# Any accidental hub download fails at once; DeepSpeed's shm all-reduce JIT build stays out of test time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["CLIP_PIPE_SKIP_SHM_BUILD"] = "1"
+
+REPO = Path(__file__).resolve().parents[1]
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def color_jpeg(name: str, rng: random.Random, size: int = 16) -> bytes:
+    base = COLORS[name]
+    pixel = tuple(max(0, min(255, v + rng.randint(-25, 25))) for v in base)
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), pixel).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def write_train_shards(folder: Path, shard_sizes: list[int], seed: int = 0) -> Path:
+    """Shards of solid-colour squares captioned with their colour, plus sizes.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    sizes, key = {}, 0
+    for index, num_samples in enumerate(shard_sizes):
+        name = f"shard-{index:06d}.tar"
+        with wds.TarWriter(str(folder / name)) as writer:
+            for _ in range(num_samples):
+                color = rng.choice(list(COLORS))
+                writer.write(
+                    {
+                        "__key__": f"{key:09d}",
+                        "jpg": color_jpeg(color, rng),
+                        "txt": f"a photo of a {color} square",
+                    }
+                )
+                key += 1
+        sizes[name] = num_samples
+    (folder / "sizes.json").write_text(json.dumps(sizes))
+    return folder
+
+
+def write_eval_set(folder: Path, num_samples: int = 40, seed: int = 1) -> Path:
+    """A CLIP_benchmark-layout eval set of the same colour classes."""
+    (folder / "test").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    names = list(COLORS)
+    with wds.TarWriter(str(folder / "test" / "0.tar")) as writer:
+        for i in range(num_samples):
+            label = i % len(names)
+            writer.write({"__key__": f"s{i:07d}", "jpg": color_jpeg(names[label], rng), "cls": str(label)})
+    (folder / "test" / "nshards.txt").write_text("1\n")
+    (folder / "classnames.txt").write_text("\n".join(names) + "\n")
+    (folder / "zeroshot_classification_templates.txt").write_text("a photo of a {c} square\na {c} thing\n")
+    return folder
+
+
+@pytest.fixture
+def color_shards(tmp_path) -> Path:
+    """Uneven shards (50, 37, 13 samples), so ranks and workers cannot split them evenly."""
+    return write_train_shards(tmp_path / "train", [50, 37, 13])
+
+
+@pytest.fixture
+def color_eval_set(tmp_path) -> Path:
+    return write_eval_set(tmp_path / "eval")
+
+
+def _rank_entry(rank: int, fn, world_size: int, port: int, args: tuple, error_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    try:
+        fn(rank, world_size, *args)
+    except BaseException:
+        Path(error_dir, f"rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 300) -> None:
+    """Run `fn(rank, world_size, *args)` in `world_size` real processes that can form a gloo group."""
+    import tempfile
+
+    from clip_pipe.distributed import free_port
+
+    with tempfile.TemporaryDirectory() as error_dir:
+        context = mp.start_processes(
+            _rank_entry, args=(fn, world_size, free_port(), args, error_dir), nprocs=world_size,
+            join=False, start_method="spawn",
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=1):
+                if time.monotonic() > deadline:
+                    for process in context.processes:
+                        process.kill()
+                    raise AssertionError(f"ranks still running after {timeout} s: the job hangs")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            errors = "\n".join(p.read_text() for p in sorted(Path(error_dir).glob("*.txt")))
+            raise AssertionError(f"a rank failed:\n{errors}") from e

@@ -1,0 +1,70 @@
+"""The config tree: typed, validated, and strict about keys."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from clip_pipe.config import TrainConfig, load_config
+from tests.conftest import REPO
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_build_typed_config(tmp_path):
+    path = write(tmp_path, "data:\n  train: /x\nrun:\n  steps: 7\n")
+    cfg = load_config(
+        path, ["optim.lr=3e-4", "run.zero_stage=2", "eval.sets=[/a, /b]", "model.hf_text_model=null"]
+    )
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.data.train == ["/x"] and cfg.run.steps == 7 and cfg.run.zero_stage == 2
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.eval.sets == ["/a", "/b"] and cfg.model.hf_text_model is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        (["bogus.x=1"], "unknown config key 'bogus'"),
+        (["run.steps=ten"], "config key 'run.steps' expects int"),
+        (["run.steps=1.5"], "config key 'run.steps' expects int"),
+        (["run.precision=fp16"], "run.precision must be 'fp32' or 'bf16'"),
+        (["run.zero_stage=3"], "run.zero_stage must be 0, 1 or 2"),
+        (["optim.grad_clip=-1"], "optim.grad_clip must be >= 0"),
+        (["data.batch_size=0"], "data.batch_size must be >= 1"),
+        (["run=5"], "run must be a mapping"),
+        (["novalue"], "must look like key.sub=value"),
+    ],
+)
+def test_bad_keys_and_values_are_errors_that_name_them(overrides, message):
+    with pytest.raises(ValueError) as info:
+        load_config(None, ["data.train=/x", *overrides])
+    assert message in str(info.value)
+
+
+def test_missing_train_data_is_an_error():
+    with pytest.raises(ValueError, match=r"data\.train"):
+        load_config(None, [])
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(recipe):
+    cfg = load_config(recipe)
+    assert cfg.optim.grad_clip >= 0 and cfg.data.train
+
+
+def test_cli_reports_bad_key_without_traceback(tmp_path):
+    path = write(tmp_path, "data:\n  train: /x\n  batchsize: 3\n")
+    proc = subprocess.run(
+        [sys.executable, "launch/train.py", "--config", str(path)], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "unknown config key 'data.batchsize' (did you mean 'data.batch_size'?)" in proc.stderr
+    assert "Traceback" not in proc.stderr

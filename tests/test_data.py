@@ -1,0 +1,96 @@
+"""The loader: every rank yields the same number of full batches; bad samples are skipped and counted."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+import webdataset as wds
+from open_clip.tokenizer import SimpleTokenizer
+from torchvision import transforms
+
+from clip_pipe.data import SampleErrors, assign_shards, build_train_loader, list_shards, slot_samples
+from tests.conftest import write_train_shards
+
+PREPROCESS = transforms.Compose([transforms.Resize(16), transforms.ToTensor()])
+TOKENIZER = SimpleTokenizer(context_length=16)
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("num_slots", [1, 2, 3, 4, 6])
+def test_each_epoch_covers_every_shard_part_exactly_once(num_shards, num_slots):
+    for epoch in range(3):
+        pieces = [
+            assign_shards(num_shards, slot, num_slots, seed=7, epoch=epoch) for slot in range(num_slots)
+        ]
+        assert all(pieces), "every slot gets work, even with fewer shards than slots"
+        flat = [p for slot_pieces in pieces for p in slot_pieces]
+        num_parts = flat[0][2]
+        assert num_parts == (1 if num_shards >= num_slots else -(-num_slots // num_shards))
+        assert sorted(flat) == sorted(
+            (s, part, num_parts) for s in range(num_shards) for part in range(num_parts)
+        )
+
+
+def test_shard_order_changes_with_epoch_and_seed():
+    orders = {tuple(assign_shards(20, 0, 1, seed=s, epoch=e)) for s in (0, 1) for e in (0, 1)}
+    assert len(orders) == 4
+
+
+def test_first_epoch_reads_each_sample_once_across_slots(color_shards):
+    shards = list_shards([str(color_shards)])
+    num_slots = 4  # more slots than the 3 shards: shards are split into parts
+    keys = []
+    for slot in range(num_slots):
+        pieces = assign_shards(len(shards), slot, num_slots, seed=0, epoch=0)
+        count = sum(len(range(part, shards[s].num_samples, parts)) for s, part, parts in pieces)
+        stream = slot_samples(shards, slot, num_slots, seed=0, errors=SampleErrors())
+        keys += [sample["__key__"] for sample in itertools.islice(stream, count)]
+    assert len(keys) == 100 and len(set(keys)) == 100
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_uneven_shards_give_every_rank_the_same_full_batches(color_shards, num_workers):
+    shards = list_shards([str(color_shards)])  # 50 + 37 + 13 samples
+    num_batches = 40  # over 6 epochs of 100 samples at a global batch of 16
+    for rank in range(2):
+        loader = build_train_loader(shards, 8, num_workers, PREPROCESS, TOKENIZER, rank, 2, 0, 20)
+        batches = list(itertools.islice(iter(loader), num_batches))
+        assert len(batches) == num_batches
+        for batch in batches:
+            assert batch["images"].shape == (8, 3, 16, 16)
+            assert batch["texts"].shape == (8, 16) and batch["texts"].dtype == torch.long
+            assert batch["num_skipped"] == 0
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    folder = write_train_shards(tmp_path / "train", [20])
+    with wds.TarWriter(str(folder / "shard-000001.tar")) as writer:
+        writer.write({"__key__": "bad000001", "jpg": b"not a jpeg", "txt": "a broken image"})
+        writer.write({"__key__": "bad000002", "txt": "no image at all"})
+        writer.write(
+            {"__key__": "bad000003", "jpg": (folder / "shard-000000.tar").read_bytes()[:100], "txt": "x"}
+        )
+    sizes = json.loads((folder / "sizes.json").read_text())
+    (folder / "sizes.json").write_text(json.dumps({**sizes, "shard-000001.tar": 3}))
+    # A truncated tar: it ends mid-member.
+    whole = (folder / "shard-000000.tar").read_bytes()
+    (folder / "shard-000002.tar").write_bytes(whole[: len(whole) // 2 + 100])
+    (folder / "sizes.json").write_text(json.dumps({**sizes, "shard-000001.tar": 3, "shard-000002.tar": 20}))
+
+    loader = build_train_loader(list_shards([str(folder)]), 4, 0, PREPROCESS, TOKENIZER, 0, 1, 0, 0)
+    batches = list(itertools.islice(iter(loader), 30))  # two passes over everything
+    assert all(b["images"].shape[0] == 4 for b in batches)
+    num_skipped = sum(b["num_skipped"] for b in batches)
+    assert num_skipped >= 6  # 3 bad samples per pass, plus the truncated tar's errors
+
+
+def test_missing_sizes_json_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"no sizes\.json"):
+        list_shards([str(tmp_path)])
+    write_train_shards(tmp_path / "t", [3])
+    (tmp_path / "t" / "shard-000000.tar").unlink()
+    with pytest.raises(ValueError, match="does not exist"):
+        list_shards([str(tmp_path / "t")])

@@ -1,0 +1,95 @@
+"""Fashion-MNIST builder on a small slice of the real IDX files."""
+
+import gzip
+import io
+import json
+import re
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from clip_pipe.prep.fashion_mnist import (
+    CLASSNAMES,
+    DEFAULT_ROOT,
+    EVAL_TEMPLATES,
+    SYNONYMS,
+    TRAIN_TEMPLATES,
+    build_fashion_mnist,
+    load_split,
+    train_caption,
+)
+from clip_pipe.prep.idx import read_idx
+
+needs_data = pytest.mark.skipif(
+    not (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST not installed in {DEFAULT_ROOT} (apt-get install dataset-fashion-mnist)",
+)
+
+
+def caption_pattern(label: int) -> re.Pattern:
+    """Matches exactly the captions the templates and synonyms can produce for `label`."""
+    synonyms = "|".join(map(re.escape, SYNONYMS[CLASSNAMES[label]]))
+    templates = "|".join(re.escape(t).replace(re.escape("{c}"), f"(?:{synonyms})") for t in TRAIN_TEMPLATES)
+    return re.compile(f"(?:{templates})")
+
+
+def test_caption_vocabulary():
+    assert len(TRAIN_TEMPLATES) >= 15 and len(set(TRAIN_TEMPLATES)) == len(TRAIN_TEMPLATES)
+    assert all("{c}" in t for t in TRAIN_TEMPLATES + EVAL_TEMPLATES)
+    shared = set(TRAIN_TEMPLATES) & set(EVAL_TEMPLATES)
+    assert len(shared) < len(EVAL_TEMPLATES) / 2, "eval prompts must mostly differ from training ones"
+    assert all(len(SYNONYMS[c]) >= 2 for c in CLASSNAMES)
+    # Captions depend on (seed, index) only, and vary.
+    assert train_caption(9, 123, seed=0) == train_caption(9, 123, seed=0)
+    captions = {train_caption(0, i, seed=0) for i in range(200)}
+    assert len(captions) > 30 and all(caption_pattern(0).fullmatch(c) for c in captions)
+    assert [train_caption(3, i, 0) for i in range(20)] != [train_caption(3, i, 1) for i in range(20)]
+
+
+def test_idx_reader_rejects_bad_files(tmp_path):
+    with gzip.open(tmp_path / "bad.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"abc")  # says 5 bytes, holds 3
+    with pytest.raises(ValueError, match="implies"):
+        read_idx(tmp_path / "bad.gz")
+    (tmp_path / "junk").write_bytes(b"PK\x03\x04 not idx")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "junk")
+    with pytest.raises(ValueError, match="apt-get install dataset-fashion-mnist"):
+        load_split(tmp_path, "train")
+
+
+@needs_data
+def test_build_small_slice(tmp_path):
+    train, evaluation = build_fashion_mnist(
+        tmp_path, image_size=32, shard_size=64, num_workers=2, seed=0, num_train=150, num_test=70
+    )
+    assert (train.num_rows, train.num_written, len(train.shards)) == (150, 150, 3)
+    assert (evaluation.num_rows, evaluation.num_written, len(evaluation.shards)) == (70, 70, 2)
+    _, train_labels = load_split(DEFAULT_ROOT, "train")
+    _, test_labels = load_split(DEFAULT_ROOT, "test")
+
+    train_dir = tmp_path / "train"
+    assert json.loads((train_dir / "sizes.json").read_text()) == {
+        "shard-000000.tar": 64,
+        "shard-000001.tar": 64,
+        "shard-000002.tar": 22,
+    }
+    samples = list(wds.WebDataset(str(train_dir / "shard-{000000..000002}.tar"), shardshuffle=False))
+    for index, sample in enumerate(samples):
+        label = int(sample["cls"])
+        caption = sample["txt"].decode()
+        assert sample["__key__"] == f"{index:09d}" and label == train_labels[index]
+        assert caption == train_caption(label, index, seed=0) and caption_pattern(label).fullmatch(caption)
+        assert json.loads(sample["json"])["extra"]["class"] == CLASSNAMES[label]
+        image = Image.open(io.BytesIO(sample["jpg"]))
+        assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (32, 32))
+
+    eval_dir = tmp_path / "eval"
+    assert (eval_dir / "classnames.txt").read_text().splitlines() == list(CLASSNAMES)
+    templates = (eval_dir / "zeroshot_classification_templates.txt").read_text().splitlines()
+    assert templates == list(EVAL_TEMPLATES)
+    assert (eval_dir / "test" / "nshards.txt").read_text().strip() == "2"
+    eval_samples = list(wds.WebDataset(str(eval_dir / "test" / "{0..1}.tar"), shardshuffle=False))
+    assert [int(s["cls"]) for s in eval_samples] == test_labels[:70].tolist()
+    assert all("txt" not in s for s in eval_samples)
