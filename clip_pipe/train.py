@@ -48,6 +48,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     env = env_from_os()
     torch.set_num_threads(threads_per_rank(env, cfg.run.threads_per_rank))
     run_dir, checkpoint_dir = cfg.run.dir, cfg.run.dir / "checkpoints"
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ValueError(f"{run_dir} already holds a run: pass --resume latest, or set another run.name")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, env.is_main)

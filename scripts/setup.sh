@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian-like machine: .venv with torch and clip-pipe (editable, with test
+# tools), and the real Fashion-MNIST files from Debian's dataset-fashion-mnist package where apt works.
+# Re-running is a no-op unless pyproject.toml or this script changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+# This machine carries these two builds on local disk; elsewhere pip downloads them. Override freely,
+# e.g. TORCH_SPEC="torch==2.5.1 torchvision==0.20.1" on a cluster with its own CUDA.
+TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.clip-pipe-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing $TORCH_SPEC and clip-pipe into .venv (a minute or two)"
+    .venv/bin/python -m pip install -q --upgrade pip
+    # shellcheck disable=SC2086
+    .venv/bin/python -m pip install -q $TORCH_SPEC
+    .venv/bin/python -m pip install -q -e ".[dev]"
+    echo "$want" > "$stamp"
+fi
+
+FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -f "$FMNIST" ]; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "setup: installing the Debian package dataset-fashion-mnist"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+            || echo "setup: apt-get could not install dataset-fashion-mnist" >&2
+    elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then
+        (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+            || echo "setup: sudo apt-get could not install dataset-fashion-mnist" >&2
+    fi
+    if [ ! -f "$FMNIST" ]; then
+        echo "setup: Fashion-MNIST is not installed. The demo needs it (Debian: apt-get install dataset-fashion-mnist;" >&2
+        echo "       elsewhere: put the four *-ubyte.gz files in a folder and pass --root to data_prep/fashion_mnist.py)." >&2
+        echo "       Tests that read it are skipped." >&2
+    fi
+fi
