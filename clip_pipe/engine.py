@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from clip_pipe.distributed import DistEnv, export_env
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 deepspeed.utils.logger.setLevel(logging.WARNING)
+# DeepSpeed's ZeRO still calls the collective torch 2.14 renamed; the warning is theirs, not the user's.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
 
 
 def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:

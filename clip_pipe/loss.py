@@ -16,8 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-# torch 2.14 renamed all_gather_into_tensor; keep working on the older releases users run on clusters.
+# torch 2.14 renamed these two; keep working on the older releases users run on clusters.
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_into = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -33,11 +34,10 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # Every rank's loss depends on every rank's features, so the gradient of this rank's slice
-        # is the sum of the slice's gradients over all ranks' losses.
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        num_local = grad.shape[0] // ctx.world_size
-        return grad[ctx.rank * num_local : (ctx.rank + 1) * num_local], None, None
+        # is the sum of the slice's gradients over all ranks' losses: exactly a reduce-scatter.
+        out = grad.new_empty((grad.shape[0] // ctx.world_size, *grad.shape[1:]))
+        _reduce_scatter_into(out, grad.contiguous())
+        return out, None, None
 
 
 def all_gather_with_grad(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -65,13 +65,10 @@ class ClipLoss(nn.Module):
         image_features, text_features = image_features.to(dtype), text_features.to(dtype)  # (B, D)
         # Clamping here rather than editing the parameter keeps ZeRO's fp32 master weights in charge.
         scale = logit_scale.to(dtype).clamp(max=self.max_logit_scale)
-        num_local, dim = image_features.shape
+        num_local = image_features.shape[0]
 
-        # One collective for both modalities: gather (B, 2D) rows instead of two (B, D) gathers.
-        both = all_gather_with_grad(
-            torch.cat([image_features, text_features], dim=1), self.rank, self.world_size
-        )
-        all_image, all_text = both[:, :dim], both[:, dim:]  # (W·B, D) each
+        all_image = all_gather_with_grad(image_features, self.rank, self.world_size)  # (W·B, D)
+        all_text = all_gather_with_grad(text_features, self.rank, self.world_size)  # (W·B, D)
 
         logits_per_image = scale * image_features @ all_text.T  # (B, W·B)
         logits_per_text = scale * text_features @ all_image.T  # (B, W·B)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,10 @@ def load_weights(model: nn.Module, source: str, model_name: str | None = None) -
             )
         path = Path(open_clip.download_pretrained(tag_cfg))
     # open_clip's loader reads with weights_only=True and reshapes a 0-dim logit_scale to ours.
-    open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    try:
+        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated, foreign or mismatched
+        raise ValueError(f"cannot load weights from {path}: {str(e).splitlines()[0]}") from None
 
 
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -90,9 +91,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         env.rank, env.world_size, seed=cfg.data.seed + step, shuffle_buffer=cfg.data.shuffle_buffer,
     )  # fmt: skip
     batches = iter(loader)
-    num_skipped = 0
+    num_skipped, start_step, start_time = 0, step, time.perf_counter()
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    progress = tqdm(total=cfg.run.steps, initial=step, disable=not env.is_main, desc="train", unit="step")
+    progress = tqdm(
+        total=cfg.run.steps, initial=step, disable=not env.is_main, desc="train", unit="step",
+        mininterval=1 if sys.stderr.isatty() else 30,  # a log file needs no 10 Hz redraws
+    )  # fmt: skip
     while step < cfg.run.steps:
         t0 = time.perf_counter()
         batch = next(batches)
@@ -129,6 +133,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.run.steps:
             run_zeroshot(engine, encoder, eval_sets, cfg, env, step, metrics)
     progress.close()
+    train_seconds = time.perf_counter() - start_time
 
     results = run_zeroshot(engine, encoder, eval_sets, cfg, env, step, metrics)
     num_skipped = int(_sum_over_ranks(num_skipped, env.world_size, engine.device))
@@ -137,11 +142,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         save_export(engine.module, encoder.model_cfg, run_dir)
         plot_metrics(metrics.read(), run_dir / "training.png")
         log.info(
-            "done: %d steps, %d training samples skipped as unreadable; run dir %s",
-            step,
-            num_skipped,
-            run_dir,
-        )
+            "done: %d steps in %.0f s (%.0f samples/s overall), %d training samples skipped as unreadable; "
+            "run dir %s", step - start_step, train_seconds, (step - start_step) * global_batch / train_seconds,
+            num_skipped, run_dir,
+        )  # fmt: skip
+        for r in results.values():
+            log.info("zero-shot  %s", format_results(r))
     return results
 
 

@@ -80,9 +80,8 @@ def test_prep_train_two_ranks_and_evaluate(tmp_path):
     run_dir = tmp_path / "run"
     # 3 uneven shards (40, 40, 10) for 2 ranks x 2 workers = 4 loader slots: more slots than shards.
     deepspeed = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
-    run(
-        *train_command(deepspeed, train, eval_set, run_dir, "run.steps=40", "data.num_workers=2"), timeout=600
-    )
+    overrides = ("run.steps=40", "data.num_workers=2", "eval.every_steps=20")
+    run(*train_command(deepspeed, train, eval_set, run_dir, *overrides), timeout=600)
 
     results = json.loads((run_dir / "zeroshot.json").read_text())["eval"]
     assert results["num_samples"] == 40 and results["num_skipped"] == 0
@@ -91,6 +90,7 @@ def test_prep_train_two_ranks_and_evaluate(tmp_path):
     assert results["top1"] >= 0.75, results  # colour is easy; chance is 0.25
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(5, 41, 5))
+    assert [r["step"] for r in records if "zeroshot_top1" in r] == [20, 40]  # eval.every_steps, then the end
     for name in (
         "config.yaml",
         "ds_config.json",
@@ -154,3 +154,21 @@ def test_resume_latest_without_checkpoint_starts_fresh(tmp_path, color_shards, c
     )
     assert "starting from step 0" in proc.stderr
     assert (run_dir / "zeroshot.json").is_file()
+
+
+def test_hf_text_tower_trains_under_torchrun(tmp_path, color_shards, color_eval_set):
+    from tests.test_model import tiny_hf_text_model
+
+    hf_dir = tiny_hf_text_model(tmp_path / "bert")
+    run_dir = tmp_path / "run"
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2"]
+    overrides = (
+        f"model.hf_text_model={hf_dir}",
+        "model.context_length=12",
+        "run.steps=10",
+        "data.num_workers=1",
+    )
+    run(*train_command(torchrun, color_shards, color_eval_set, run_dir, *overrides), timeout=600)
+    config = json.loads((run_dir / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["text_cfg"]["hf_model_name"] == hf_dir
+    assert json.loads((run_dir / "zeroshot.json").read_text())["eval"]["num_samples"] == 40

@@ -164,3 +164,33 @@ def test_checkpoint_engine_refuses_arbitrary_pickles(tmp_path):
         engine.load(str(path))
     torch.save({"module": {"w": torch.ones(2)}, "step": 3}, path)
     assert engine.load(str(path))["step"] == 3
+
+
+def test_generated_deepspeed_config_is_explicit_and_user_json_overrides_it(tmp_path):
+    from clip_pipe.engine import deepspeed_config
+
+    cfg = load_config(
+        None,
+        [
+            "data.train=/x",
+            "data.batch_size=16",
+            "run.precision=bf16",
+            "run.zero_stage=2",
+            "optim.grad_clip=0",
+        ],
+    )
+    config = deepspeed_config(cfg, world_size=4)
+    assert config["gradient_clipping"] == 0.0  # explicit even when off: DeepSpeed's default is 1.0
+    assert config["train_batch_size"] == 64 and config["train_micro_batch_size_per_gpu"] == 16
+    assert config["bf16"] == {"enabled": True} and config["zero_optimization"] == {"stage": 2}
+
+    user = tmp_path / "ds.json"
+    user.write_text('{"zero_optimization": {"overlap_comm": true}, "wall_clock_breakdown": true}')
+    cfg.run.deepspeed_config = str(user)
+    merged = deepspeed_config(cfg, world_size=4)
+    assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert merged["wall_clock_breakdown"] is True and merged["gradient_clipping"] == 0.0
+
+    user.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        deepspeed_config(cfg, world_size=4)

@@ -88,3 +88,11 @@ def test_hf_text_tower_selected_by_config(tmp_path):
         embed(encoder, images, captions), embed(load_export(path), images, captions), strict=True
     ):
         torch.testing.assert_close(a, b)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    encoder = build_model(ModelConfig(name="clip-pipe-test"))
+    path = save_export(encoder.model, encoder.model_cfg, tmp_path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cannot load weights"):
+        load_export(path)

@@ -1,0 +1,45 @@
+"""Rank and world size from each launcher's environment, and the threads each rank gets."""
+
+from __future__ import annotations
+
+from clip_pipe.distributed import DistEnv, env_from_os, export_env, threads_per_rank
+
+
+def test_torchrun_environment():
+    env = env_from_os({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})
+    assert env == DistEnv(rank=3, world_size=8, local_rank=1, local_world_size=4)
+    assert not env.is_main
+
+
+def test_deepspeed_launcher_environment_uses_local_size():
+    env = env_from_os({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_SIZE": "2"})
+    assert env == DistEnv(rank=1, world_size=4, local_rank=1, local_world_size=2)
+
+
+def test_srun_environment():
+    env = env_from_os(
+        {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4(x2)"}
+    )
+    assert env == DistEnv(rank=5, world_size=8, local_rank=1, local_world_size=4)
+
+
+def test_plain_python_is_one_rank_and_gets_the_variables_deepspeed_needs():
+    env = env_from_os({})
+    assert env == DistEnv() and env.is_main
+    environ: dict = {}
+    export_env(env, environ)
+    assert environ["RANK"] == "0" and environ["WORLD_SIZE"] == "1" and environ["MASTER_ADDR"] == "127.0.0.1"
+    assert 0 < int(environ["MASTER_PORT"]) < 65536
+
+
+def test_launcher_variables_are_not_overwritten():
+    environ = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    export_env(env_from_os(environ), environ)
+    assert environ["MASTER_ADDR"] == "10.0.0.1" and environ["MASTER_PORT"] == "29500"
+
+
+def test_cores_are_split_between_local_ranks():
+    assert threads_per_rank(DistEnv(0, 2, 0, 2), requested=3) == 3
+    one = threads_per_rank(DistEnv())
+    assert threads_per_rank(DistEnv(0, 2, 0, 2)) == max(1, one // 2)
+    assert threads_per_rank(DistEnv(0, 64, 0, 64)) == 1
