@@ -160,20 +160,8 @@ class ImageTextStream(IterableDataset):
                 images, captions = [], []
 
 
-def build_train_loader(
-    shards: list[Shard],
-    batch_size: int,
-    num_workers: int,
-    preprocess: Callable,
-    tokenizer: Callable,
-    rank: int,
-    world_size: int,
-    seed: int,
-    shuffle_buffer: int,
-) -> DataLoader:
-    stream = ImageTextStream(
-        shards, batch_size, preprocess, tokenizer, rank, world_size, seed=seed, shuffle_buffer=shuffle_buffer
-    )
+def batch_loader(stream: ImageTextStream, num_workers: int) -> DataLoader:
+    """Run `stream` in `num_workers` processes (0: in this one); each worker is its own loader slot."""
     return DataLoader(
         stream,
         batch_size=None,  # the stream batches itself

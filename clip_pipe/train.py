@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from clip_pipe.config import OptimConfig, TrainConfig, save_config
-from clip_pipe.data import build_train_loader, list_shards
+from clip_pipe.data import ImageTextStream, batch_loader, list_shards
 from clip_pipe.distributed import env_from_os, threads_per_rank
 from clip_pipe.engine import Engine, init_process_group
 from clip_pipe.loss import ClipLoss
@@ -86,11 +86,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     )  # fmt: skip
 
     # A resumed run draws a fresh shard order rather than replaying the first steps' data.
-    loader = build_train_loader(
-        shards, cfg.data.batch_size, cfg.data.num_workers, encoder.preprocess_train, encoder.tokenizer,
-        env.rank, env.world_size, seed=cfg.data.seed + step, shuffle_buffer=cfg.data.shuffle_buffer,
+    stream = ImageTextStream(
+        shards, cfg.data.batch_size, encoder.preprocess_train, encoder.tokenizer, env.rank, env.world_size,
+        seed=cfg.data.seed + step, shuffle_buffer=cfg.data.shuffle_buffer,
     )  # fmt: skip
-    batches = iter(loader)
+    batches = iter(batch_loader(stream, cfg.data.num_workers))
     num_skipped, start_step, start_time = 0, step, time.perf_counter()
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     progress = tqdm(

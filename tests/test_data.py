@@ -11,7 +11,14 @@ import webdataset as wds
 from open_clip.tokenizer import SimpleTokenizer
 from torchvision import transforms
 
-from clip_pipe.data import SampleErrors, assign_shards, build_train_loader, list_shards, slot_samples
+from clip_pipe.data import (
+    ImageTextStream,
+    SampleErrors,
+    assign_shards,
+    batch_loader,
+    list_shards,
+    slot_samples,
+)
 from tests.conftest import write_train_shards
 
 PREPROCESS = transforms.Compose([transforms.Resize(16), transforms.ToTensor()])
@@ -56,7 +63,7 @@ def test_uneven_shards_give_every_rank_the_same_full_batches(color_shards, num_w
     shards = list_shards([str(color_shards)])  # 50 + 37 + 13 samples
     num_batches = 40  # over 6 epochs of 100 samples at a global batch of 16
     for rank in range(2):
-        loader = build_train_loader(shards, 8, num_workers, PREPROCESS, TOKENIZER, rank, 2, 0, 20)
+        loader = batch_loader(ImageTextStream(shards, 8, PREPROCESS, TOKENIZER, rank, 2, 0, 20), num_workers)
         batches = list(itertools.islice(iter(loader), num_batches))
         assert len(batches) == num_batches
         for batch in batches:
@@ -80,7 +87,9 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     (folder / "shard-000002.tar").write_bytes(whole[: len(whole) // 2 + 100])
     (folder / "sizes.json").write_text(json.dumps({**sizes, "shard-000001.tar": 3, "shard-000002.tar": 20}))
 
-    loader = build_train_loader(list_shards([str(folder)]), 4, 0, PREPROCESS, TOKENIZER, 0, 1, 0, 0)
+    loader = batch_loader(
+        ImageTextStream(list_shards([str(folder)]), 4, PREPROCESS, TOKENIZER, 0, 1, 0, 0), 0
+    )
     batches = list(itertools.islice(iter(loader), 30))  # two passes over everything
     assert all(b["images"].shape[0] == 4 for b in batches)
     num_skipped = sum(b["num_skipped"] for b in batches)
