@@ -10,8 +10,6 @@ import os
 import socket
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -78,9 +76,3 @@ def threads_per_rank(env: DistEnv, requested: int = 0) -> int:
         return requested
     num_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, num_cores // env.local_world_size)
-
-
-def device_for(env: DistEnv) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank)
-    return torch.device("cpu")

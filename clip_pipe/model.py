@@ -40,10 +40,6 @@ class DualEncoder:
     preprocess_val: Any
     tokenizer: Any
 
-    @property
-    def open_clip_config(self) -> dict[str, Any]:
-        return {"model_cfg": self.model_cfg, "preprocess_cfg": self.model.visual.preprocess_cfg}
-
 
 def model_cfg_for(cfg: ModelConfig) -> dict[str, Any]:
     """The open_clip architecture dict that `cfg` asks for."""

@@ -68,3 +68,11 @@ def test_cli_reports_bad_key_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "unknown config key 'data.batchsize' (did you mean 'data.batch_size'?)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    from clip_pipe.config import save_config
+
+    cfg = load_config(REPO / "configs" / "fashion_mnist.yaml", ["optim.lr=1e-4", "eval.sets=[]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
