@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian-like machine: .venv with torch and clip-pipe (editable, with test
-# tools), and the real Fashion-MNIST files from Debian's dataset-fashion-mnist package where apt works.
+# tools), and the Debian packages listed below where apt works.
 # Re-running is a no-op unless pyproject.toml or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,19 +25,29 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
-FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-if [ ! -f "$FMNIST" ]; then
-    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-        echo "setup: installing the Debian package dataset-fashion-mnist"
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
-            || echo "setup: apt-get could not install dataset-fashion-mnist" >&2
-    elif command -v apt-get >/dev/null && command -v sudo >/dev/null; then
-        (sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
-            || echo "setup: sudo apt-get could not install dataset-fashion-mnist" >&2
+# Debian packages: the real data (Fashion-MNIST; Tux Paint stamps, GPL-2, and Noto Color Emoji, OFL, which
+# are built into shards here and never committed) and a SLURM cluster the tests run on loopback.
+APT_PACKAGES="dataset-fashion-mnist tuxpaint-stamps-default fonts-noto-color-emoji unicode-data
+    slurmctld slurmd slurm-client munge"
+missing=""
+for pkg in $APT_PACKAGES; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO="sudo"
+    if command -v apt-get >/dev/null && { [ -z "$SUDO" ] || command -v sudo >/dev/null; }; then
+        echo "setup: installing Debian packages:$missing"
+        # shellcheck disable=SC2086
+        ($SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends $missing) >/dev/null \
+            || echo "setup: apt-get could not install:$missing" >&2
+    else
+        echo "setup: apt-get is not available; missing Debian packages:$missing" >&2
     fi
-    if [ ! -f "$FMNIST" ]; then
-        echo "setup: Fashion-MNIST is not installed. The demo needs it (Debian: apt-get install dataset-fashion-mnist;" >&2
-        echo "       elsewhere: put the four *-ubyte.gz files in a folder and pass --root to data_prep/fashion_mnist.py)." >&2
-        echo "       Tests that read it are skipped." >&2
-    fi
+fi
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+    echo "setup: Fashion-MNIST is not installed. The demo needs it (Debian: apt-get install dataset-fashion-mnist;" >&2
+    echo "       elsewhere: put the four *-ubyte.gz files in a folder and pass --root to data_prep/fashion_mnist.py)." >&2
+    echo "       Tests that read it are skipped." >&2
 fi
