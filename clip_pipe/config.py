@@ -23,7 +23,8 @@ class DataConfig:
     train: list[str] = field(default_factory=list)
     """Training shard sets: folders written by `data_prep/` (each holds `sizes.json`)."""
     batch_size: int = 64
-    """Samples per rank per step. The global batch (and the loss's negatives) is this × world size."""
+    """Samples per rank per optimizer step. The global batch (and the loss's negatives) is this × world
+    size, however many micro-batches `optim.accum_steps` splits it into."""
     num_workers: int = 1
     """Loader processes per rank. They share the rank's cores, so more is not always faster."""
     shuffle_buffer: int = 1000
@@ -69,6 +70,10 @@ class OptimConfig:
     eps: float = 1e-6
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables. Always explicit: DeepSpeed defaults to 1.0."""
+    accum_steps: int = 1
+    """Split each rank's batch into this many micro-batches when it does not fit in memory at once. The
+    gradient stays that of the whole global batch, negatives included (features are cached across
+    micro-batches, as open_clip's `accum_freq`), at the cost of one extra forward pass without gradients."""
 
     def __post_init__(self):
         _check(self.lr > 0, "optim.lr must be > 0")
@@ -77,6 +82,7 @@ class OptimConfig:
         _check(self.schedule in ("cosine", "constant"), "optim.schedule must be 'cosine' or 'constant'")
         _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
         _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+        _check(self.accum_steps >= 1, "optim.accum_steps must be >= 1")
 
 
 @dataclass
@@ -105,7 +111,7 @@ class RunConfig:
     precision: str = "fp32"
     """`fp32` or `bf16` (DeepSpeed's bf16 mode: bf16 weights and activations, fp32 master weights)."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage (0, 1 or 2)."""
+    """DeepSpeed ZeRO stage (0-3). Stage 3 partitions the parameters too; evaluation and export gather them."""
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
@@ -120,7 +126,7 @@ class RunConfig:
     def __post_init__(self):
         _check(self.steps >= 1, "run.steps must be >= 1")
         _check(self.precision in ("fp32", "bf16"), "run.precision must be 'fp32' or 'bf16'")
-        _check(self.zero_stage in (0, 1, 2), "run.zero_stage must be 0, 1 or 2")
+        _check(self.zero_stage in (0, 1, 2, 3), "run.zero_stage must be 0, 1, 2 or 3")
         _check(self.log_every >= 1, "run.log_every must be >= 1")
         _check(self.checkpoint_every >= 1, "run.checkpoint_every must be >= 1")
         _check(self.keep_checkpoints >= 0, "run.keep_checkpoints must be >= 0")
@@ -141,6 +147,11 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(bool(self.data.train), "data.train must name at least one shard folder")
+        _check(
+            self.data.batch_size % self.optim.accum_steps == 0,
+            f"data.batch_size ({self.data.batch_size}) must be a multiple of optim.accum_steps "
+            f"({self.optim.accum_steps}): each micro-batch has batch_size / accum_steps samples",
+        )
 
 
 def _check(ok: bool, message: str) -> None:

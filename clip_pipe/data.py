@@ -17,8 +17,9 @@ import itertools
 import json
 import logging
 import random
+import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -84,20 +85,64 @@ class SampleErrors:
         return True  # keep going
 
 
-def slot_samples(
-    shards: list[Shard], slot: int, num_slots: int, seed: int, errors: SampleErrors
+@dataclass(frozen=True)
+class SlotPosition:
+    """How far one loader slot has read: `num_read` samples of epoch `epoch`'s shuffled order."""
+
+    epoch: int = 0
+    num_read: int = 0
+
+
+def _seed(*parts: int) -> int:
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + part) % 2**63
+    return value
+
+
+def epoch_samples(
+    shards: list[Shard], slot: int, num_slots: int, seed: int, epoch: int, errors: SampleErrors
 ) -> Iterator[dict]:
-    """An endless stream of raw samples (dicts of bytes) for one loader slot."""
+    """One epoch of raw samples (dicts of bytes) for one loader slot, in shard order, unshuffled."""
+    for shard_index, part, num_parts in assign_shards(len(shards), slot, num_slots, seed, epoch):
+        samples = wds.tariterators.tarfile_samples([{"url": shards[shard_index].url}], handler=errors)
+        for i, sample in enumerate(samples):
+            if i % num_parts == part:
+                yield sample
+
+
+def slot_samples(
+    shards: list[Shard],
+    slot: int,
+    num_slots: int,
+    seed: int,
+    errors: SampleErrors,
+    shuffle_buffer: int = 0,
+    start: SlotPosition = SlotPosition(),
+) -> Iterator[tuple[SlotPosition, dict]]:
+    """An endless stream of (position after this sample, raw sample) for one loader slot.
+
+    Exact resume replays rather than stores: an epoch's order (shards, then the shuffle buffer, seeded
+    by seed, slot and epoch alone) is a pure function of those numbers, so a resumed slot re-reads its
+    current epoch and drops the `start.num_read` samples it already gave out, without decoding them.
+    Storing the shuffle buffer's sample keys instead would save nothing: tars have no index, so the
+    buffered samples' bytes would have to be re-read from the same shards anyway. The buffer drains at
+    each epoch's end so that no epoch's order depends on the one before, and replay never reaches
+    further back than the start of the current epoch.
+    """
     num_empty_epochs = 0
-    for epoch in itertools.count():
-        num_yielded = 0
-        for shard_index, part, num_parts in assign_shards(len(shards), slot, num_slots, seed, epoch):
-            samples = wds.tariterators.tarfile_samples([{"url": shards[shard_index].url}], handler=errors)
-            for i, sample in enumerate(samples):
-                if i % num_parts == part:
-                    num_yielded += 1
-                    yield sample
-        num_empty_epochs = 0 if num_yielded else num_empty_epochs + 1
+    for epoch in itertools.count(start.epoch):
+        samples = epoch_samples(shards, slot, num_slots, seed, epoch, errors)
+        if shuffle_buffer > 1:
+            rng = random.Random(_seed(seed, slot, epoch))
+            samples = wds.shuffle(shuffle_buffer, shuffle_buffer // 4, rng=rng)(samples)
+        num_read = 0
+        for sample in samples:
+            num_read += 1
+            if epoch == start.epoch and num_read <= start.num_read:
+                continue  # given out before the checkpoint
+            yield SlotPosition(epoch, num_read), sample
+        num_empty_epochs = 0 if num_read else num_empty_epochs + 1
         if num_empty_epochs >= 10:
             raise RuntimeError(f"loader slot {slot} read no samples in 10 epochs; are the shards readable?")
 
@@ -110,8 +155,39 @@ def decode_image(sample: dict) -> Image.Image:
     raise ValueError(f"sample {sample.get('__key__')} has no image ({', '.join(IMAGE_EXTENSIONS)})")
 
 
+@dataclass
+class LoaderPosition:
+    """One rank's place in its data: batches the trainer has taken, and each loader worker's slot position.
+
+    Workers run ahead of the trainer (prefetch), so this is advanced from the batches actually consumed,
+    in the trainer's process, never from what the workers have read.
+    """
+
+    num_batches: int = 0
+    workers: list[SlotPosition] = field(default_factory=lambda: [SlotPosition()])
+
+    @classmethod
+    def start(cls, num_workers: int) -> LoaderPosition:
+        return cls(0, [SlotPosition()] * max(1, num_workers))
+
+    def advance(self, batch: dict) -> None:
+        self.num_batches += 1
+        self.workers[batch["worker"]] = SlotPosition(*batch["position"])
+
+    def to_dict(self) -> dict:
+        return {"num_batches": self.num_batches, "workers": [[p.epoch, p.num_read] for p in self.workers]}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> LoaderPosition:
+        return cls(int(state["num_batches"]), [SlotPosition(int(e), int(n)) for e, n in state["workers"]])
+
+
 class ImageTextStream(IterableDataset):
-    """Endless batches {images (B,3,H,W), texts (B,L), num_skipped} for one rank."""
+    """Endless batches {images (B,3,H,W), texts (B,L), num_skipped, keys, worker, position} for one rank.
+
+    `start` resumes exactly where a `LoaderPosition` saved from an earlier run of the same stream
+    (same shards, seed, batch size, ranks and workers) left off.
+    """
 
     def __init__(
         self,
@@ -123,41 +199,56 @@ class ImageTextStream(IterableDataset):
         world_size: int,
         seed: int,
         shuffle_buffer: int,
+        start: LoaderPosition | None = None,
     ):
         super().__init__()
         self.shards, self.batch_size = shards, batch_size
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.start = start
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        start = self.start or LoaderPosition.start(num_workers)
+        assert len(start.workers) == num_workers, "resume with the loader's saved number of workers"
+        # A DataLoader takes batches from its workers round-robin, starting at worker 0. After
+        # `num_batches` batches the next one is due from worker num_batches % num_workers, so a fresh
+        # DataLoader's worker 0 plays that worker's part (and its slot), and the order carries on.
+        worker = (worker + start.num_batches) % num_workers
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         errors = SampleErrors()
-        samples = slot_samples(self.shards, slot, num_slots, self.seed, errors)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(self.seed * 1_000_003 + slot)
-            samples = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer // 4, rng=rng)(samples)
+        samples = slot_samples(
+            self.shards, slot, num_slots, self.seed, errors, self.shuffle_buffer, start.workers[worker]
+        )
 
-        images, captions, num_reported = [], [], 0
-        for sample in samples:
+        images, captions, keys, num_reported = [], [], [], 0
+        for position, sample in samples:
             try:
-                image = self.preprocess(decode_image(sample))
+                # Random augmentation is seeded by the sample's place in the stream, so a resumed run
+                # crops exactly as the uninterrupted one would (and the caller's RNG is left alone).
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(_seed(self.seed, slot, position.epoch, position.num_read))
+                    image = self.preprocess(decode_image(sample))
                 caption = sample["txt"].decode("utf-8")
             except Exception as exn:  # a bad sample is counted and skipped, never fatal
                 errors(exn)
                 continue
             images.append(image)
             captions.append(caption)
+            keys.append(sample["__key__"])
             if len(images) == self.batch_size:
                 yield {
                     "images": torch.stack(images),
                     "texts": self.tokenizer(captions),
                     "num_skipped": errors.num_skipped - num_reported,
+                    "keys": keys,
+                    "worker": worker,
+                    "position": (position.epoch, position.num_read),
                 }
                 num_reported = errors.num_skipped
-                images, captions = [], []
+                images, captions, keys = [], [], []
 
 
 def batch_loader(stream: ImageTextStream, num_workers: int) -> DataLoader:
@@ -168,4 +259,13 @@ def batch_loader(stream: ImageTextStream, num_workers: int) -> DataLoader:
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_default_signals,
     )
+
+
+def _default_signals(worker_id: int) -> None:
+    # Forked workers inherit the trainer's preemption handlers, which only set a flag nobody in a
+    # worker reads; then the DataLoader could not stop its own workers with SIGTERM at shutdown. The
+    # trainer alone acts on the warning signal (SIGUSR1), so workers ignore it rather than die of it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 
 from clip_pipe.config import TrainConfig
 from clip_pipe.distributed import DistEnv, export_env
+from clip_pipe.model import to_export
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -39,8 +41,8 @@ def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     config = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size // cfg.optim.accum_steps,
+        "gradient_accumulation_steps": cfg.optim.accum_steps,
         "train_batch_size": cfg.data.batch_size * world_size,
         # DeepSpeed clips at 1.0 unless told otherwise; ours is always explicit (0 = off).
         "gradient_clipping": cfg.optim.grad_clip,
@@ -123,6 +125,7 @@ class Engine:
         )
         self.ds.checkpoint_engine = WeightsOnlyCheckpointEngine(self.ds._config)
         self.dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
+        self.accum_steps = self.ds.gradient_accumulation_steps()
 
     @property
     def module(self) -> nn.Module:
@@ -136,15 +139,72 @@ class Engine:
         return self.ds(images.to(self.device, self.dtype), texts.to(self.device))
 
     def train_step(self, images: torch.Tensor, texts: torch.Tensor, loss_fn: nn.Module, lr: float):
-        """One optimizer step; returns the detached loss and the global grad norm (None if unclipped)."""
+        """One optimizer step on this rank's batch; returns the detached loss and the global grad norm
+        (None if unclipped).
+
+        With `accum_steps` > 1 the batch is split into micro-batches, and the gradient is still exactly
+        that of the whole global batch's loss (open_clip's `accum_freq` method): a first pass without
+        gradients caches every micro-batch's features; then each micro-batch is recomputed with
+        gradients, spliced into the cached features, and the loss over all of them (every rank's, via
+        the loss's all-gather) is back-propagated. Each backward reaches only its own micro-batch's
+        activations, so their sum is the full-batch gradient, with every negative in every micro-step.
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.ds.train()
-        image_features, text_features, logit_scale = self.forward(images, texts)
-        loss = loss_fn(image_features, text_features, logit_scale)
-        self.ds.backward(loss)
-        self.ds.step()
+        if self.accum_steps == 1:
+            image_features, text_features, logit_scale = self.forward(images, texts)
+            loss = loss_fn(image_features, text_features, logit_scale)
+            self.ds.backward(loss)
+            self.ds.step()
+            return loss.detach(), self.ds.get_global_grad_norm()
+
+        micro_images, micro_texts = images.chunk(self.accum_steps), texts.chunk(self.accum_steps)
+        assert len(micro_images) == self.accum_steps, "batch_size is a multiple of accum_steps"
+        with torch.no_grad():
+            cached = [self.forward(i, t)[:2] for i, t in zip(micro_images, micro_texts, strict=True)]
+        for j in range(self.accum_steps):
+            image_features, text_features, logit_scale = self.forward(micro_images[j], micro_texts[j])
+            all_image = torch.cat(
+                [f[0] if k != j else image_features for k, f in enumerate(cached)]
+            )  # (B, D)
+            all_text = torch.cat([f[1] if k != j else text_features for k, f in enumerate(cached)])  # (B, D)
+            loss = loss_fn(all_image, all_text, logit_scale)
+            # Each micro-step's loss is the whole batch's loss, so the gradients add up, unscaled:
+            # DeepSpeed's default divides by accum_steps, as if each micro-batch had a loss of its own.
+            self.ds.set_gradient_accumulation_boundary(j == self.accum_steps - 1)
+            self.ds.backward(loss, scale_wrt_gas=False)
+            self.ds.step()
         return loss.detach(), self.ds.get_global_grad_norm()
+
+    @contextmanager
+    def full_params(self, params=None):
+        """Collective under ZeRO-3: inside, `params` (default: all) are whole on every rank, read-only.
+
+        Stages 0-2 keep whole parameters on every rank already, so this is a no-op there.
+        """
+        if self.ds.zero_optimization_partition_weights():
+            params = list(self.module.parameters()) if params is None else params
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def logit_scale(self) -> float:
+        """The learned temperature, exp'd (collective under ZeRO-3, where it may be partitioned)."""
+        with self.full_params([self.module.logit_scale]):
+            return float(self.module.logit_scale.detach().float().exp())
+
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Collective: the whole model as a plain open_clip state dict on rank 0 (None on other ranks).
+
+        Under ZeRO-3 each rank holds a slice of every parameter; DeepSpeed gathers them one layer
+        at a time onto rank 0, so no rank ever holds the whole model twice.
+        """
+        if self.ds.zero_optimization_partition_weights():
+            state = self.ds._zero3_consolidated_16bit_state_dict()
+            return None if state is None else to_export(state)
+        return to_export(self.module.state_dict()) if self.ds.global_rank == 0 else None
 
     def save(self, checkpoint_dir: Path, tag: str, client_state: dict) -> None:
         """Collective: every rank writes its part; `latest` then names `tag`."""

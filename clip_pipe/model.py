@@ -134,19 +134,29 @@ def load_weights(model: nn.Module, source: str, model_name: str | None = None) -
 
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A plain fp32 CPU state dict in open_clip's own layout (0-dim logit_scale and logit_bias)."""
-    state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+    return to_export(model.state_dict())
+
+
+def to_export(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (a model's state dict, ours or DeepSpeed's gathered one) as plain fp32 CPU tensors."""
+    state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
     for key in ("logit_scale", "logit_bias"):
         if key in state:
             state[key] = state[key].reshape(())
     return state
 
 
-def save_export(model: nn.Module, model_cfg: dict, out_dir: Path, filename: str = "model.pt") -> Path:
-    """Write `model.pt` plus `open_clip_config.json` beside it, so the folder describes itself."""
+def save_export(
+    model: nn.Module, model_cfg: dict, out_dir: Path, filename: str = "model.pt", state: dict | None = None
+) -> Path:
+    """Write `model.pt` plus `open_clip_config.json` beside it, so the folder describes itself.
+
+    `state`: the weights to write, if not `model`'s own (e.g. gathered from ZeRO-3 partitions).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / filename
     tmp = path.with_suffix(".tmp")
-    torch.save(export_state_dict(model), tmp)
+    torch.save(export_state_dict(model) if state is None else state, tmp)
     tmp.replace(path)  # atomic: a reader never sees half a file
     config = {"model_cfg": model_cfg, "preprocess_cfg": model.visual.preprocess_cfg}
     (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))

@@ -14,8 +14,12 @@ import json
 import logging
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,7 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from clip_pipe.config import OptimConfig, TrainConfig, save_config
-from clip_pipe.data import ImageTextStream, batch_loader, list_shards
+from clip_pipe.data import ImageTextStream, LoaderPosition, batch_loader, list_shards
 from clip_pipe.distributed import env_from_os, threads_per_rank
 from clip_pipe.engine import Engine, init_process_group
 from clip_pipe.loss import ClipLoss
@@ -32,6 +36,43 @@ from clip_pipe.model import DualEncoder, build_model, save_export
 from clip_pipe.zeroshot import evaluate, format_results, read_eval_set
 
 log = logging.getLogger(__name__)
+
+# SLURM sends SIGUSR1 ahead of a time limit or preemption when the job asks for it (--signal=USR1@s),
+# and SIGTERM when it cancels or preempts a job outright.
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Preempted(Exception):
+    """Training stopped early on a signal, after saving a checkpoint to resume from (`--resume latest`)."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"preempted at step {step}; resume from {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _StopRequest:
+    """A signal handler that only records the signal; the step loop acts on it at a step boundary."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals(signals=PREEMPTION_SIGNALS) -> Iterator[_StopRequest]:
+    """Catch `signals` while training; the handlers in place before are put back afterwards."""
+    request = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request  # Python delivers signals to the main thread only; nothing to install
+        return
+    previous = {signum: signal.signal(signum, request) for signum in signals}
+    try:
+        yield request
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def lr_at(step: int, optim: OptimConfig, num_steps: int) -> float:
@@ -45,7 +86,16 @@ def lr_at(step: int, optim: OptimConfig, num_steps: int) -> float:
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> dict:
-    """Train as configured, then run zero-shot eval. Returns {eval set name: results} (every rank)."""
+    """Train as configured, then run zero-shot eval. Returns {eval set name: results} (every rank).
+
+    SIGUSR1 or SIGTERM on any rank makes every rank save a checkpoint at the end of the current step
+    and raise `Preempted`.
+    """
+    with stop_on_signals() as stop:
+        return _train(cfg, resume, stop)
+
+
+def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     env = env_from_os()
     torch.set_num_threads(threads_per_rank(env, cfg.run.threads_per_rank))
     run_dir, checkpoint_dir = cfg.run.dir, cfg.run.dir / "checkpoints"
@@ -66,7 +116,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     global_batch = cfg.data.batch_size * env.world_size
     metrics = MetricsLog(run_dir / "metrics.jsonl")
 
-    step = 0
+    step, data_start, data_seed = 0, None, cfg.data.seed
     if resume:
         state = engine.load(checkpoint_dir, tag=None if resume == "latest" else resume)
         if state is None:
@@ -74,6 +124,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         else:
             step = state["step"]
             log.info("resumed from %s at step %d", checkpoint_dir, step)
+            data_start = _data_start(state.get("data"), env, cfg.data.num_workers)
+            if data_start is None:
+                data_seed = cfg.data.seed + step  # a fresh order, rather than replaying the first steps'
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2))
@@ -85,11 +138,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         len(shards), num_samples, cfg.run.steps * global_batch / num_samples,
     )  # fmt: skip
 
-    # A resumed run draws a fresh shard order rather than replaying the first steps' data.
     stream = ImageTextStream(
         shards, cfg.data.batch_size, encoder.preprocess_train, encoder.tokenizer, env.rank, env.world_size,
-        seed=cfg.data.seed + step, shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=data_seed, shuffle_buffer=cfg.data.shuffle_buffer, start=data_start,
     )  # fmt: skip
+    data_position = data_start or LoaderPosition.start(cfg.data.num_workers)
     batches = iter(batch_loader(stream, cfg.data.num_workers))
     num_skipped, start_step, start_time = 0, step, time.perf_counter()
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -100,6 +153,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     while step < cfg.run.steps:
         t0 = time.perf_counter()
         batch = next(batches)
+        data_position.advance(batch)
         data_wait += time.perf_counter() - t0
         lr = lr_at(step, cfg.optim, cfg.run.steps)
         loss, grad_norm = engine.train_step(batch["images"], batch["texts"], loss_fn, lr)
@@ -117,9 +171,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
-                "logit_scale": float(
-                    engine.module.logit_scale.detach().exp().clamp(max=loss_fn.max_logit_scale)
-                ),
+                "logit_scale": min(engine.logit_scale(), loss_fn.max_logit_scale),
                 "samples_per_s": window_steps * global_batch / elapsed,
                 "data_wait_frac": data_wait / elapsed,
             }
@@ -128,8 +180,19 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.0f}")
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
 
-        if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
-            save_checkpoint(engine, encoder, checkpoint_dir, step, cfg.run.keep_checkpoints, env.is_main)
+        # One tiny all-reduce a step: every rank must stop at the same step, whichever got the signal.
+        stopping = _sum_over_ranks(stop.signum is not None, env.world_size, engine.device) > 0
+        if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps or stopping:
+            save_checkpoint(
+                engine, encoder, checkpoint_dir, step, cfg.run.keep_checkpoints, env.is_main,
+                data=_gather_positions(data_position, env.world_size),
+            )  # fmt: skip
+        if stopping:
+            progress.close()
+            log.warning(
+                "stopping on a signal at step %d; checkpoint saved, resume with --resume latest", step
+            )
+            raise Preempted(step, checkpoint_dir / f"step_{step:08d}")
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.run.steps:
             run_zeroshot(engine, encoder, eval_sets, cfg, env, step, metrics)
     progress.close()
@@ -137,9 +200,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
 
     results = run_zeroshot(engine, encoder, eval_sets, cfg, env, step, metrics)
     num_skipped = int(_sum_over_ranks(num_skipped, env.world_size, engine.device))
+    weights = engine.export_state_dict()  # collective: ZeRO-3 gathers the partitions onto rank 0
     if env.is_main:
         (run_dir / "zeroshot.json").write_text(json.dumps(results, indent=2))
-        save_export(engine.module, encoder.model_cfg, run_dir)
+        save_export(engine.module, encoder.model_cfg, run_dir, state=weights)
         plot_metrics(metrics.read(), run_dir / "training.png")
         log.info(
             "done: %d steps in %.0f s (%.0f samples/s overall), %d training samples skipped as unreadable; "
@@ -174,16 +238,46 @@ def run_zeroshot(engine, encoder, eval_sets, cfg: TrainConfig, env, step: int, m
 
 
 def save_checkpoint(
-    engine: Engine, encoder: DualEncoder, checkpoint_dir: Path, step: int, num_keep: int, is_main: bool
+    engine: Engine,
+    encoder: DualEncoder,
+    checkpoint_dir: Path,
+    step: int,
+    num_keep: int,
+    is_main: bool,
+    data: list[dict] | None = None,
 ) -> None:
+    """Collective. `data`: every rank's `LoaderPosition.to_dict()`, indexed by rank (rank 0 writes them)."""
     tag = f"step_{step:08d}"
-    engine.save(checkpoint_dir, tag, client_state={"step": step})
+    engine.save(checkpoint_dir, tag, client_state={"step": step, "data": data})
+    weights = engine.export_state_dict()
     if is_main:
         # Beside DeepSpeed's files, a plain state dict that open_clip and `launch/zeroshot.py` read.
-        save_export(engine.module, encoder.model_cfg, checkpoint_dir / tag)
+        save_export(engine.module, encoder.model_cfg, checkpoint_dir / tag, state=weights)
         if num_keep:
             for old in sorted(checkpoint_dir.glob("step_*"))[:-num_keep]:
                 shutil.rmtree(old)
+
+
+def _gather_positions(position: LoaderPosition, world_size: int) -> list[dict]:
+    # DeepSpeed writes the client state from rank 0 only, so rank 0 must hold every rank's position.
+    positions = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(positions, position.to_dict())
+    else:
+        positions[0] = position.to_dict()
+    return positions
+
+
+def _data_start(saved: list[dict] | None, env, num_workers: int) -> LoaderPosition | None:
+    """This rank's saved data position, if the checkpoint's ranks and workers match this run's."""
+    num_slots = max(1, num_workers)
+    if saved and len(saved) == env.world_size and len(saved[env.rank]["workers"]) == num_slots:
+        return LoaderPosition.from_dict(saved[env.rank])
+    log.warning(
+        "the checkpoint's data position is for another layout of ranks and workers (or none was saved): "
+        "the data order restarts, so the resumed run does not see exactly the samples it would have"
+    )
+    return None
 
 
 def _sum_over_ranks(value, world_size: int, device: torch.device) -> float:

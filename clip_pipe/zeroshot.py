@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import webdataset as wds
+from PIL import Image
 from torch import nn
 
 from clip_pipe.data import SampleErrors, decode_image
@@ -56,11 +57,23 @@ def read_eval_set(root: str | Path, split: str = "test") -> EvalSet:
     return EvalSet(root.name, classnames, templates, urls)
 
 
+def _image_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    # Through forward(), not encode_image(): under ZeRO-3, DeepSpeed gathers a module's partitioned
+    # parameters in hooks on forward(), and CLIP's own top-level parameters are used by its forward only.
+    out = model(images, None)
+    return out["image_features"] if isinstance(out, dict) else out[0]
+
+
+def _text_features(model: nn.Module, texts: torch.Tensor) -> torch.Tensor:
+    out = model(None, texts)
+    return out["text_features"] if isinstance(out, dict) else out[1]
+
+
 @torch.no_grad()
 def encode_texts(model: nn.Module, tokenizer: Callable, texts: list[str], device, batch_size: int = 256):
     """L2-normalised text embeddings (N, D), computed in chunks."""
     chunks = [
-        model.encode_text(tokenizer(texts[i : i + batch_size]).to(device), normalize=True).float()
+        _text_features(model, tokenizer(texts[i : i + batch_size]).to(device)).float()
         for i in range(0, len(texts), batch_size)
     ]
     return torch.cat(chunks)
@@ -106,32 +119,49 @@ def evaluate(
     num_top5 = torch.zeros((), dtype=torch.long)
     errors = SampleErrors()
 
-    def flush(images: list, labels: list):
-        nonlocal num_top5
-        features = model.encode_image(torch.stack(images).to(device, dtype), normalize=True).float()
+    def labelled_batches() -> Iterator[tuple[list, list]]:
+        images, labels = [], []
+        for sample in eval_samples(eval_set.shard_urls, rank, world_size, errors):
+            try:
+                label = int(sample["cls"])
+                if not 0 <= label < num_classes:
+                    raise ValueError(f"label {label} out of range for {num_classes} classes")
+                image = preprocess(decode_image(sample))
+            except Exception as exn:  # counted and reported, never fatal
+                errors(exn)
+                continue
+            images.append(image)
+            labels.append(label)
+            if len(images) == batch_size:
+                yield images, labels
+                images, labels = [], []
+        if images:
+            yield images, labels
+
+    # Every rank runs the same number of full-size forward passes: under ZeRO-3 each pass gathers
+    # parameters from all ranks, so a rank that stopped early would leave the others waiting forever.
+    # Ranks' shares differ by a sample (and by unreadable ones), so a rank that has run out pads with
+    # blank images, whose rows are masked out of the counts; the ranks agree each round whether any
+    # of them still has images.
+    blank = preprocess(Image.new("RGB", (32, 32)))
+    batches = labelled_batches()
+    while True:
+        images, labels = next(batches, ([], []))
+        if world_size > 1:
+            num_busy = torch.tensor(len(labels) > 0, dtype=torch.long, device=device)
+            dist.all_reduce(num_busy)
+            if not num_busy:
+                break
+        elif not labels:
+            break
+        num_real = len(labels)
+        pixels = torch.stack(images + [blank] * (batch_size - num_real) if world_size > 1 else images)
+        features = _image_features(model, pixels.to(device, dtype)).float()[:num_real]  # (B, D)
         logits = features @ weights  # (B, C)
-        target = torch.tensor(labels)
+        target = torch.tensor(labels, dtype=torch.long)
         top = logits.topk(min(5, num_classes), dim=1).indices.cpu()
         confusion.index_put_((target, top[:, 0]), torch.ones_like(target), accumulate=True)
         num_top5 += (top == target[:, None]).any(dim=1).sum()
-
-    images, labels = [], []
-    for sample in eval_samples(eval_set.shard_urls, rank, world_size, errors):
-        try:
-            label = int(sample["cls"])
-            if not 0 <= label < num_classes:
-                raise ValueError(f"label {label} out of range for {num_classes} classes")
-            image = preprocess(decode_image(sample))
-        except Exception as exn:  # counted and reported, never fatal
-            errors(exn)
-            continue
-        images.append(image)
-        labels.append(label)
-        if len(images) == batch_size:
-            flush(images, labels)
-            images, labels = [], []
-    if images:
-        flush(images, labels)
 
     totals = torch.cat([confusion.flatten(), num_top5.view(1), torch.tensor([errors.num_skipped])])
     if world_size > 1:  # sum every rank's share (on the model's device: NCCL reduces GPU tensors only)

@@ -36,7 +36,12 @@ def test_yaml_and_overrides_build_typed_config(tmp_path):
         (["run.steps=ten"], "config key 'run.steps' expects int"),
         (["run.steps=1.5"], "config key 'run.steps' expects int"),
         (["run.precision=fp16"], "run.precision must be 'fp32' or 'bf16'"),
-        (["run.zero_stage=3"], "run.zero_stage must be 0, 1 or 2"),
+        (["run.zero_stage=4"], "run.zero_stage must be 0, 1, 2 or 3"),
+        (["optim.accum_steps=0"], "optim.accum_steps must be >= 1"),
+        (
+            ["data.batch_size=6", "optim.accum_steps=4"],
+            "data.batch_size (6) must be a multiple of optim.accum_steps",
+        ),
         (["optim.grad_clip=-1"], "optim.grad_clip must be >= 0"),
         (["data.batch_size=0"], "data.batch_size must be >= 1"),
         (["run=5"], "run must be a mapping"),

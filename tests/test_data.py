@@ -13,6 +13,7 @@ from torchvision import transforms
 
 from clip_pipe.data import (
     ImageTextStream,
+    LoaderPosition,
     SampleErrors,
     assign_shards,
     batch_loader,
@@ -54,7 +55,7 @@ def test_first_epoch_reads_each_sample_once_across_slots(color_shards):
         pieces = assign_shards(len(shards), slot, num_slots, seed=0, epoch=0)
         count = sum(len(range(part, shards[s].num_samples, parts)) for s, part, parts in pieces)
         stream = slot_samples(shards, slot, num_slots, seed=0, errors=SampleErrors())
-        keys += [sample["__key__"] for sample in itertools.islice(stream, count)]
+        keys += [sample["__key__"] for _, sample in itertools.islice(stream, count)]
     assert len(keys) == 100 and len(set(keys)) == 100
 
 
@@ -103,3 +104,38 @@ def test_missing_sizes_json_is_a_clear_error(tmp_path):
     (tmp_path / "t" / "shard-000000.tar").unlink()
     with pytest.raises(ValueError, match="does not exist"):
         list_shards([str(tmp_path / "t")])
+
+
+def add_noise(image: torch.Tensor) -> torch.Tensor:
+    """Random augmentation that shows (the test squares are solid colours, which crops would not change)."""
+    return image + torch.rand_like(image)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resumed_stream_continues_exactly_where_it_stopped(color_shards, num_workers):
+    """Replay from a saved position gives the tail of the uninterrupted stream: same samples, same crops."""
+    shards = list_shards([str(color_shards)])  # uneven: 50 + 37 + 13 samples
+    augment = transforms.Compose([transforms.Resize(16), transforms.ToTensor(), add_noise])
+
+    def batches(start=None, num_batches=18):
+        stream = ImageTextStream(shards, 6, augment, TOKENIZER, 1, 2, seed=3, shuffle_buffer=12, start=start)
+        return list(itertools.islice(iter(batch_loader(stream, num_workers)), num_batches))
+
+    full = batches()  # rank 1 of 2 reads 50 samples an epoch: 18 batches of 6 run into a third epoch
+    epochs = [b["position"][0] for b in full]
+    assert epochs[0] == 0 and epochs[-1] >= 2
+    crossing = next(i for i in range(1, len(full)) if epochs[i] != epochs[i - 1])
+    # An odd cut (the next batch is due from the second worker), and a cut at an epoch boundary.
+    for cut in (5, crossing):
+        position = LoaderPosition.start(num_workers)
+        for batch in full[:cut]:
+            position.advance(batch)
+        position = LoaderPosition.from_dict(json.loads(json.dumps(position.to_dict())))  # as checkpointed
+        resumed = batches(position, len(full) - cut)
+        assert [b["keys"] for b in resumed] == [b["keys"] for b in full[cut:]], f"cut at batch {cut}"
+        for ours, theirs in zip(resumed, full[cut:], strict=True):
+            torch.testing.assert_close(ours["images"], theirs["images"], rtol=0, atol=0)
+    assert not torch.equal(full[0]["images"][0], full[0]["images"][1])  # the augmentation is random
+    # Within an epoch no sample repeats: the stream neither repeats nor skips.
+    first_epoch = [k for b in full if b["position"][0] == 0 for k in b["keys"]]
+    assert len(first_epoch) == len(set(first_epoch))

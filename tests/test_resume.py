@@ -1,0 +1,97 @@
+"""Preemption and exact resume, in real 2-rank runs through `launch/train.py`'s `main`.
+
+A run stopped by SIGUSR1 on one rank mid-run (exit status 3, checkpoint saved) and resumed with
+`--resume latest` must end with the same parameters as the same run left alone: the checkpoint holds
+each rank's and each loader worker's place in the data, so no sample is repeated or skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, run_ranks
+
+pytestmark = pytest.mark.slow
+NUM_STEPS, SIGNAL_STEP = 10, 4
+
+
+def launch_main():
+    spec = importlib.util.spec_from_file_location("launch_train", REPO / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _runs(rank: int, world_size: int, train: str, out: str) -> None:
+    import multiprocessing
+
+    import clip_pipe.train
+
+    # Ranks from a launcher (deepspeed, torchrun, srun) fork their loader workers; a process made by
+    # mp.spawn would spawn them too, re-importing torch in each worker (some 20 s a run here).
+    multiprocessing.set_start_method("fork", force=True)
+    main = launch_main()
+    statuses = {}
+    # SLURM's warning signal with the loader in the trainer's process; SIGTERM with two loader workers.
+    for num_workers, sig in ((0, signal.SIGUSR1), (2, signal.SIGTERM)):
+        command = [
+            "--config", str(REPO / "configs" / "tiny_test.yaml"), f"data.train={train}", "eval.sets=[]",
+            f"data.num_workers={num_workers}", f"run.steps={NUM_STEPS}", "run.log_every=1", "run.threads_per_rank=1",
+            "run.checkpoint_every=1000", "eval.batch_size=16",
+        ]  # fmt: skip
+        statuses[f"full{num_workers}"] = main([*command, f"run.out_dir={out}/full{num_workers}"])
+
+        interrupted = [*command, f"run.out_dir={out}/interrupted{num_workers}"]
+        real_lr_at = clip_pipe.train.lr_at
+        if rank == 1:  # the signal reaches one rank only, mid-step, as a scheduler's would
+
+            def lr_at(step, optim, num_steps, sig=sig, real_lr_at=real_lr_at):
+                if step == SIGNAL_STEP:
+                    os.kill(os.getpid(), sig)
+                return real_lr_at(step, optim, num_steps)
+
+            clip_pipe.train.lr_at = lr_at
+        statuses[f"interrupted{num_workers}"] = main(interrupted)
+        clip_pipe.train.lr_at = real_lr_at
+        # The handlers were put back: the default for SIGUSR1 would end the process, so check by lookup.
+        assert signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler), signal.getsignal(sig)
+        statuses[f"resumed{num_workers}"] = main([*interrupted, "--resume", "latest"])
+    Path(out, f"status{rank}.json").write_text(json.dumps(statuses))
+
+
+def test_preempted_run_resumes_exactly(tmp_path, color_shards):
+    out = tmp_path / "runs"
+    out.mkdir()
+    run_ranks(_runs, 2, str(color_shards), str(out), timeout=600)
+    for rank in range(2):
+        statuses = json.loads((out / f"status{rank}.json").read_text())
+        assert statuses == {
+            "full0": 0, "interrupted0": 3, "resumed0": 0, "full2": 0, "interrupted2": 3, "resumed2": 0
+        }, f"rank {rank}: {statuses}"  # fmt: skip
+
+    for num_workers in (0, 2):
+        full, resumed = out / f"full{num_workers}", out / f"interrupted{num_workers}"
+        # Both ranks stopped at the end of the step the signal came in, and saved there.
+        stopped_at = f"step_{SIGNAL_STEP + 1:08d}"
+        assert (resumed / "checkpoints" / stopped_at / "model.pt").is_file()
+        records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "loss" in r] == list(range(1, NUM_STEPS + 1))
+        assert (resumed / "model.pt").is_file()
+
+        expected = torch.load(full / "model.pt", weights_only=True)
+        actual = torch.load(resumed / "model.pt", weights_only=True)
+        stopped = torch.load(resumed / "checkpoints" / stopped_at / "model.pt", weights_only=True)
+        assert max((expected[k] - stopped[k]).abs().max() for k in expected) > 1e-4, (
+            "steps after the stop count"
+        )
+        for key in expected:
+            torch.testing.assert_close(
+                actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=f"workers={num_workers} {key}"
+            )
