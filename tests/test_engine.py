@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +17,25 @@ from clip_pipe.train import lr_at
 from tests.conftest import run_ranks
 
 NUM_LOCAL, WORLD, NUM_STEPS = 4, 2, 5
-STAGES = (0, 1, 2)
+STAGES = (0, 1, 2, 3)
 
 
-def make_cfg(stage: int):
+def partition_everything(folder) -> str:
+    """A DeepSpeed JSON that makes ZeRO-3 partition every parameter.
+
+    By default ZeRO-3 keeps parameters under 100k elements whole on every rank, which is all of a tiny
+    test model's: without this, a stage-3 test would not test partitioning at all.
+    """
+    path = Path(folder) / f"zero3_partition_all.{os.getpid()}.json"  # one per rank: no torn reads
+    path.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    return str(path)
+
+
+def make_cfg(stage: int, ds_json: str | None = None, *overrides: str):
     return load_config(
         None,
         [
+            *([f"run.deepspeed_config={ds_json}"] if ds_json else []), *overrides,
             "data.train=/unused", f"data.batch_size={NUM_LOCAL}", f"run.zero_stage={stage}", f"run.steps={NUM_STEPS}",
             "optim.grad_clip=0", "optim.lr=1e-3", "optim.warmup_steps=2", "optim.weight_decay=0.1",
             # Some parameters (attention key biases) have an exactly zero true gradient, so theirs is
@@ -47,7 +62,7 @@ def _train_ranks(rank: int, world_size: int, out: str) -> None:
     torch.set_num_threads(1)
     init_process_group(env_from_os())
     for stage in STAGES:
-        cfg = make_cfg(stage)
+        cfg = make_cfg(stage, partition_everything(Path(out).parent))
         torch.manual_seed(0)
         encoder = build_model(cfg.model)
         engine = Engine(encoder.model, cfg, world_size)
@@ -56,8 +71,11 @@ def _train_ranks(rank: int, world_size: int, out: str) -> None:
         for step in range(NUM_STEPS):
             images, texts = global_batch(step, encoder.tokenizer)
             engine.train_step(images[rows], texts[rows], loss_fn, lr_at(step, cfg.optim, NUM_STEPS))
+        if stage == 3:  # really partitioned: each rank holds a slice of every parameter
+            assert all(p.numel() == 0 for p in engine.module.parameters())
+        weights = engine.export_state_dict()  # collective: ZeRO-3 gathers onto rank 0
         if rank == 0:
-            torch.save(export_state_dict(engine.module), f"{out}.zero{stage}")
+            torch.save(weights, f"{out}.zero{stage}")
 
 
 def reference_params() -> tuple[dict, dict]:
@@ -86,7 +104,7 @@ def reference_params() -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-def test_two_rank_deepspeed_matches_single_process_for_zero_0_1_2(tmp_path):
+def test_two_rank_deepspeed_matches_single_process_for_zero_0_1_2_3(tmp_path):
     out = str(tmp_path / "params")
     run_ranks(_train_ranks, WORLD, out)
     initial, reference = reference_params()
@@ -107,16 +125,8 @@ def _checkpoint_roundtrip(rank: int, world_size: int, checkpoint_dir: str) -> No
 
     torch.set_num_threads(1)
     init_process_group(env_from_os())
-    for stage, precision in ((1, "fp32"), (2, "bf16")):
-        cfg = load_config(
-            None,
-            [
-                "data.train=/unused",
-                f"data.batch_size={NUM_LOCAL}",
-                f"run.zero_stage={stage}",
-                f"run.precision={precision}",
-            ],
-        )
+    for stage, precision in ((0, "fp32"), (1, "fp32"), (2, "bf16"), (3, "fp32")):
+        cfg = make_cfg(stage, partition_everything(Path(checkpoint_dir).parent), f"run.precision={precision}")
         torch.manual_seed(0)
         encoder = build_model(cfg.model)
         engine = Engine(encoder.model, cfg, world_size)
@@ -127,21 +137,28 @@ def _checkpoint_roundtrip(rank: int, world_size: int, checkpoint_dir: str) -> No
             engine.train_step(images[rows], texts[rows], loss_fn, 1e-3)
         tag = f"zero{stage}_{precision}"
         engine.save(checkpoint_dir, tag, client_state={"step": 2})
-        trained = export_state_dict(engine.module)
+        trained = engine.export_state_dict()
 
         torch.manual_seed(1)  # different initial weights, which the load must overwrite
         fresh = Engine(build_model(cfg.model).model, cfg, world_size)
         # Through WeightsOnlyCheckpointEngine: model states and ZeRO optimizer partitions.
         assert fresh.load(checkpoint_dir, tag=tag)["step"] == 2
-        for key, value in export_state_dict(fresh.module).items():
-            torch.testing.assert_close(value, trained[key], rtol=0, atol=0, msg=f"{tag} {key}")
+        loaded = fresh.export_state_dict()
+        if rank == 0:
+            assert loaded.keys() == trained.keys()
+            for key, value in loaded.items():
+                torch.testing.assert_close(value, trained[key], rtol=0, atol=0, msg=f"{tag} {key}")
         # The optimizer state came back too: one more identical step keeps them identical.
         images, texts = global_batch(2, encoder.tokenizer)
         engine.train_step(images[rows], texts[rows], loss_fn, 1e-3)
         fresh.train_step(images[rows], texts[rows], loss_fn, 1e-3)
-        after, fresh_after = export_state_dict(engine.module), export_state_dict(fresh.module)
-        for key in after:
-            torch.testing.assert_close(fresh_after[key], after[key], rtol=0, atol=0, msg=f"{tag} step {key}")
+        after, fresh_after = engine.export_state_dict(), fresh.export_state_dict()
+        if rank == 0:
+            assert not all(torch.equal(after[k], trained[k]) for k in after), "the extra step moved nothing"
+            for key in after:
+                torch.testing.assert_close(
+                    fresh_after[key], after[key], rtol=0, atol=0, msg=f"{tag} step {key}"
+                )
 
 
 @pytest.mark.slow
