@@ -8,6 +8,9 @@ evenly. So each loader slot (a worker of a rank) reads an endless stream: epoch 
 of the shards, reshuffled each epoch. Every rank then yields exactly as many batches as the trainer asks
 for, however uneven the shards are. When there are fewer shards than slots, slots share a shard and
 each keeps every k-th sample of it, so an epoch still sees each sample once.
+
+Each batch says where its slot stands (epoch, samples read), so a checkpoint can hold every slot's
+position and a resumed run can carry on at the very next sample (`LoaderPosition`, `slot_samples`).
 """
 
 from __future__ import annotations
