@@ -188,6 +188,9 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
                 data=_gather_positions(data_position, env.world_size),
             )  # fmt: skip
         if stopping:
+            # No rank exits before rank 0 has written its files: when one rank exits, launchers
+            # (deepspeed, torchrun) kill the rest.
+            _sum_over_ranks(0, env.world_size, engine.device)
             progress.close()
             log.warning(
                 "stopping on a signal at step %d; checkpoint saved, resume with --resume latest", step
