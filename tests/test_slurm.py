@@ -61,7 +61,7 @@ def check_completed(
     logs = show_logs(run_dir / "logs")
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), logs
     # One job of two ranks, not two one-rank runs: the tasks formed one process group.
-    assert "2 ranks × 8 = 16 samples/step" in (run_dir / "train.log").read_text(), logs
+    assert re.search(r"\b2 ranks\b", (run_dir / "train.log").read_text()), logs
     assert json.loads((run_dir / "zeroshot.json").read_text())["eval"]["num_samples"] == 40
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{num_steps:08d}"
     assert (run_dir / "checkpoints" / f"step_{num_steps:08d}" / "model.pt").is_file()
@@ -97,7 +97,7 @@ def test_gpu_form_with_placeholder_gres(slurm_cluster, data, tmp_path):
 
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, data, tmp_path):
     """Needs the training loop's signal handling: USR1 -> checkpoint at a step boundary -> exit 3."""
-    run_dir, num_steps = tmp_path / "run", 200
+    run_dir, num_steps = tmp_path / "run", 100
     # No periodic checkpoint before the end: a resume mid-run can only come from the preemption's.
     overrides = [f"run.steps={num_steps}", "run.checkpoint_every=100000"]
     job_id = submit(slurm_cluster, data, run_dir, "--gpus-per-node=0", overrides=overrides)
