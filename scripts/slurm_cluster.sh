@@ -76,7 +76,7 @@ stop() {
 }
 
 start() {
-    for tool in munged mungekey slurmctld slurmd scontrol sbatch srun; do
+    for tool in munged slurmctld slurmd scontrol sbatch srun; do
         command -v "$tool" >/dev/null || {
             echo "$tool not found: install slurmctld slurmd slurm-client munge (scripts/setup.sh does)" >&2
             exit 1
@@ -90,7 +90,8 @@ start() {
     # munged checks that every directory on its socket's path is searchable by all, and that the key is
     # readable by its owner only.
     chmod 755 "$dir" "$dir/munge"
-    [ -f "$dir/munge/munge.key" ] || mungekey --create --keyfile="$dir/munge/munge.key"
+    # A key of this cluster's own (munge before 0.5.14 has no mungekey).
+    [ -f "$dir/munge/munge.key" ] || dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
     chmod 600 "$dir/munge/munge.key"
     for i in 0 1; do
         # Character devices (here /dev/null's numbers); slurmd rejects plain files as GRES devices.

@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
-DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
+TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "scancel", "squeue")
 # Job states after which nothing more happens (REQUEUED and COMPLETING are on the way somewhere).
 FINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -74,7 +74,7 @@ def cluster_for_tests():
         conf = Path(os.environ["SLURM_CONF"])
         yield Cluster(conf)
         return
-    missing = [tool for tool in DAEMONS if not shutil.which(tool, path=f"{os.environ['PATH']}:/usr/sbin")]
+    missing = [tool for tool in TOOLS if not shutil.which(tool, path=f"{os.environ['PATH']}:/usr/sbin")]
     if missing:
         pytest.skip(
             f"no SLURM here ({', '.join(missing)} not found): install slurmctld slurmd slurm-client munge "
