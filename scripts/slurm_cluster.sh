@@ -3,7 +3,7 @@
 # files (config, key, state, logs, PID files) in DIR, and nothing written to /etc or /run.
 #
 #   scripts/slurm_cluster.sh start DIR   # then: export SLURM_CONF=DIR/slurm.conf
-#   scripts/slurm_cluster.sh stop DIR    # stops the three daemons by their PID files
+#   scripts/slurm_cluster.sh stop DIR    # cancels its jobs, stops the three daemons by their PID files
 #
 # The node has 2 CPUs and GRES gpu:2 backed by placeholder character devices (DIR/dev/nvidia[0-1]), so
 # `--gpus-per-node=2` jobs run and see CUDA_VISIBLE_DEVICES=0,1 on a machine without GPUs.
