@@ -114,3 +114,14 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300) -> None:
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             errors = "\n".join(p.read_text() for p in sorted(Path(error_dir).glob("*.txt")))
             raise AssertionError(f"a rank failed:\n{errors}") from e
+
+
+# --- SLURM (tests/slurm_cluster.py) ---
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The test SLURM cluster: SLURM_CONF's (from .ci/run), else one started for this session."""
+    from tests.slurm_cluster import cluster_for_tests
+
+    yield from cluster_for_tests()
