@@ -69,7 +69,9 @@ async def load(url: str, num_clients: int, num_requests: int, image: bytes, labe
             start = time.perf_counter()
             try:
                 response = await http.post(
-                    "/v1/classify", files=[("images", ("x.jpg", image, "image/jpeg"))], data={"labels": labels}
+                    "/v1/classify",
+                    files=[("images", ("x.jpg", image, "image/jpeg"))],
+                    data={"labels": labels},
                 )
                 if response.status_code != 200:
                     errors.append(response.status_code)
@@ -111,7 +113,9 @@ def run_variant(checkpoint: Path, max_batch: int, args, image: bytes, labels: li
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="clip-pipe-tiny-28")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=500, help="per client")

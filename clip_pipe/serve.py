@@ -31,13 +31,15 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from clip_pipe.classifier import (
+    DEFAULT_TEMPLATES,
     ImageError,
     ImageTooLarge,
     NotAnImage,
     ZeroShotClassifier,
     check_labels,
+    open_image,
 )
-from clip_pipe.limits import ServeLimits
+from clip_pipe.limits import FORM_SLACK_BYTES, ServeLimits
 
 log = logging.getLogger(__name__)
 
@@ -172,14 +174,13 @@ class Guard:
                 detail = "missing bearer token" if not given else "wrong bearer token"
                 response = error_response(401, "unauthorized", detail, {"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
+        # Only multipart bodies carry images; anything else (a urlencoded form of texts) stays small.
+        is_multipart = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
+        max_bytes = self.max_request_bytes if is_multipart else FORM_SLACK_BYTES
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
-            response = error_response(
-                413,
-                "request_too_large",
-                f"request body is {int(declared)} bytes, over {self.max_request_bytes}",
-            )
-            return await response(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            detail = f"request body is {int(declared)} bytes, over the limit of {max_bytes}"
+            return await error_response(413, "request_too_large", detail)(scope, receive, send)
 
         num_bytes = 0
 
@@ -187,7 +188,7 @@ class Guard:
             nonlocal num_bytes
             message = await receive()
             num_bytes += len(message.get("body", b""))
-            if num_bytes > self.max_request_bytes:
+            if num_bytes > max_bytes:
                 raise BodyTooLarge
             return message
 
@@ -254,12 +255,12 @@ async def read_images(form, limits: ServeLimits, required: bool) -> list[tuple[s
     return images
 
 
-def decode(clf: ZeroShotClassifier, images: list[tuple[str, bytes]]) -> torch.Tensor:
+def decode(clf: ZeroShotClassifier, images: list[tuple[str, bytes]], limits: ServeLimits) -> torch.Tensor:
     """In a pool thread: validate, decode and preprocess every image of a request, (N, 3, H, W)."""
     pixels = []
     for name, data in images:
         try:
-            pixels.append(clf.preprocess(clf.load_image(data)))
+            pixels.append(clf.preprocess(open_image(data, limits.max_image_bytes, limits.max_image_pixels)))
         except ImageTooLarge as e:
             raise ApiError(413, "image_too_large", f"{name}: {e}") from None
         except NotAnImage as e:
@@ -309,7 +310,6 @@ def create_app(
     max_wait_ms: float = 2.0,
 ) -> FastAPI:
     limits = limits or ServeLimits()
-    clf.max_image_bytes, clf.max_image_pixels = limits.max_image_bytes, limits.max_image_pixels
     batcher = Batcher(clf, max_batch, max_wait_ms)
 
     @asynccontextmanager
@@ -362,11 +362,11 @@ def create_app(
         if top_k is not None and (not isinstance(top_k, str) or not top_k.isdigit() or int(top_k) < 1):
             raise ApiError(422, "bad_top_k", f"top_k must be a positive integer, got {top_k!r}")
         try:
-            check_labels(labels, templates if templates is not None else ("{c}",))
+            check_labels(labels, templates or DEFAULT_TEMPLATES)
         except ValueError as e:
             raise ApiError(422, "bad_labels", str(e)) from None
         images = await read_images(form, limits, required=True)
-        pixels = await asyncio.to_thread(decode, clf, images)
+        pixels = await asyncio.to_thread(decode, clf, images, limits)
         k = int(top_k) if top_k is not None else None
         ranked = await batcher.submit(Job(pixels, None, lambda f: clf.rank(f, labels, templates, k)))
         return {
@@ -394,7 +394,7 @@ def create_app(
         if texts:
             job = Job(None, texts, lambda f: f.tolist())
         else:
-            job = Job(await asyncio.to_thread(decode, clf, images), None, lambda f: f.tolist())
+            job = Job(await asyncio.to_thread(decode, clf, images, limits), None, lambda f: f.tolist())
         return {"dim": clf.embed_dim, "embeddings": await batcher.submit(job)}
 
     return app

@@ -176,6 +176,9 @@ def test_oversized_request_body_is_413(client):
             yield body[i : i + 65536]
 
     assert_error(client.post("/v1/classify", content=chunks(), headers=headers), 413, "request_too_large")
+    # A form without files carries no images, so it gets 1 MiB, not the images' allowance.
+    texts = {"texts": ["x" * 100] * 11_000}
+    assert_error(client.post("/v1/embed", data=texts), 413, "request_too_large", "over the limit of 1048576")
 
 
 def test_batcher_merges_queued_requests_and_answers_each_exactly(clf):
