@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
@@ -199,7 +199,7 @@ class Guard:
 # Request parsing
 
 
-async def read_form(request: Request, allowed: set[str], max_files: int, max_fields: int):
+async def read_form(request: Request, allowed: set[str], max_files: int, max_fields: int, limits_hint: str):
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise ApiError(415, "not_a_form", "send multipart/form-data (curl -F ...)")
@@ -209,14 +209,19 @@ async def read_form(request: Request, allowed: set[str], max_files: int, max_fie
         raise ApiError(413, "request_too_large", "request body over the size limit") from None
     # Too many fields or files, or a malformed body (Starlette re-raises these as an HTTP 400).
     except (MultiPartException, HTTPException) as e:
-        raise ApiError(
-            422, "bad_form", str(e.detail if isinstance(e, HTTPException) else e.message)
-        ) from None
+        message = str(e.detail if isinstance(e, HTTPException) else e.message)
+        raise ApiError(422, "bad_form", f"{message} ({limits_hint})") from None
     if unknown := sorted(set(form.keys()) - allowed):
         raise ApiError(
             422, "unknown_field", f"unknown form fields {unknown}; expected some of {sorted(allowed)}"
         )
     return form
+
+
+async def close_form(request: Request):
+    """Uploads spool to temporary files; close them once the request is answered."""
+    yield
+    await request.close()
 
 
 def text_fields(form, name: str, max_count: int, max_chars: int) -> list[str]:
@@ -340,6 +345,7 @@ def create_app(
 
     @app.post(
         "/v1/classify",
+        dependencies=[Depends(close_form)],
         response_model=ClassifyResponse,
         openapi_extra=multipart_body(
             {"images": FILES, "labels": STRINGS, "templates": STRINGS, "top_k": {"type": "integer"}},
@@ -355,6 +361,8 @@ def create_app(
             {"images", "labels", "templates", "top_k"},
             max_files=limits.max_images + 1,
             max_fields=limits.max_labels + limits.max_templates + 2,
+            limits_hint=f"at most {limits.max_labels} labels, {limits.max_templates} templates, "
+            f"{limits.max_images} images",
         )
         labels = text_fields(form, "labels", limits.max_labels, limits.max_label_chars)
         templates = text_fields(form, "templates", limits.max_templates, limits.max_label_chars) or None
@@ -378,6 +386,7 @@ def create_app(
 
     @app.post(
         "/v1/embed",
+        dependencies=[Depends(close_form)],
         response_model=EmbedResponse,
         openapi_extra=multipart_body({"images": FILES, "texts": STRINGS}, []),
         summary="L2-normalised embeddings of images or of texts",
@@ -385,7 +394,11 @@ def create_app(
     async def embed(request: Request):
         """Send either `images` (files) or `texts` (repeatable fields), not both."""
         form = await read_form(
-            request, {"images", "texts"}, max_files=limits.max_images + 1, max_fields=limits.max_texts + 1
+            request,
+            {"images", "texts"},
+            max_files=limits.max_images + 1,
+            max_fields=limits.max_texts + 1,
+            limits_hint=f"at most {limits.max_texts} texts or {limits.max_images} images",
         )
         texts = text_fields(form, "texts", limits.max_texts, limits.max_label_chars)
         images = await read_images(form, limits, required=False)
