@@ -116,6 +116,112 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300) -> None:
             raise AssertionError(f"a rank failed:\n{errors}") from e
 
 
+# --- Zero-shot API (classifier, CLI, HTTP service) ---------------------------------------------------
+
+
+def train_color_export(folder: Path, num_steps: int = 60, seed: int = 0) -> Path:
+    """A `clip-pipe-test` model taught the colour squares in-process (about a second), exported to `folder`."""
+    import torch
+
+    from clip_pipe.config import ModelConfig
+    from clip_pipe.loss import ClipLoss
+    from clip_pipe.model import build_model, save_export
+
+    # Tiny ops: threads only contend with each other (16 s instead of 2 s on a busy 2-core machine).
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    encoder = build_model(ModelConfig(name="clip-pipe-test"))
+    model, loss_fn, names = encoder.model.train(), ClipLoss(), list(COLORS)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(num_steps):
+        rng.shuffle(names)  # one square per colour: no duplicate captions in a batch
+        images = torch.stack(
+            [encoder.preprocess_val(Image.open(io.BytesIO(color_jpeg(c, rng)))) for c in names]
+        )
+        texts = encoder.tokenizer([f"a photo of a {c} square" for c in names])
+        loss = loss_fn(*model(images, texts))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.set_num_threads(num_threads)
+    return save_export(model.eval(), encoder.model_cfg, folder)
+
+
+@pytest.fixture(scope="session")
+def color_model(tmp_path_factory) -> Path:
+    """The `model.pt` of a model that tells red, green, blue and yellow squares apart."""
+    return train_color_export(tmp_path_factory.mktemp("color_model"))
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (its data is far too short for them)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def truncated_jpeg(size: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((size, size), 60).convert("RGB").save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    return data[: len(data) // 2]  # the header survives; half the scan data does not
+
+
+class LiveServer:
+    """`clip-pipe serve` in a subprocess on a free 127.0.0.1 port; stopped (and reaped) on exit."""
+
+    def __init__(self, checkpoint: Path, *args: str, env: dict | None = None):
+        import subprocess
+        import sys
+
+        from clip_pipe.distributed import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "clip_pipe.cli", "serve", "--checkpoint", str(checkpoint)]
+        self.process = subprocess.Popen(
+            [*command, "--port", str(self.port), *args],
+            cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+
+    def __enter__(self) -> LiveServer:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise AssertionError(f"server exited early:\n{self.process.stdout.read()}")
+                try:
+                    if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "server not up within 120 s"
+                time.sleep(0.2)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except Exception:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+
+
 # --- SLURM (tests/slurm_cluster.py) ---
 
 

@@ -1,0 +1,171 @@
+"""Load test of the HTTP zero-shot API: micro-batching against one image at a time, interleaved.
+
+    python -m bench.serve_load [--model clip-pipe-tiny-28] [--clients 16] [--requests 500] [--rounds 3]
+
+Each round starts `clip-pipe serve` twice on 127.0.0.1, once with micro-batching (--max-batch 32) and once
+one request at a time (--max-batch 1), alternating which goes first. Both serve the same randomly
+initialised model (throughput does not depend on the weights). `--clients` concurrent clients each send
+`--requests` classify requests (one image, `--num-labels` labels), after a warm-up. Reported per variant:
+requests/s over the whole load, p50 and p99 latency, errors (must be 0), and the mean batch size the
+server formed; then the ratio batched / one-at-a-time per round, median and spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from PIL import Image
+
+from bench.common import machine_description
+from clip_pipe.config import ModelConfig
+from clip_pipe.distributed import free_port
+from clip_pipe.model import build_model, save_export
+
+VARIANTS = {"batched": 32, "one-at-a-time": 1}
+
+
+def test_image(size: int = 96) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((size, size), 50).convert("RGB").save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def start_server(checkpoint: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "clip_pipe.cli", "serve", "--checkpoint", str(checkpoint)]
+    process = subprocess.Popen(
+        [*command, "--port", str(port), "--max-batch", str(max_batch)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert process.poll() is None, "server exited"
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server not up in 120 s"
+        time.sleep(0.2)
+
+
+async def load(url: str, num_clients: int, num_requests: int, image: bytes, labels: list[str]) -> dict:
+    latencies, errors = [], []
+
+    async def client(http: httpx.AsyncClient):
+        for _ in range(num_requests):
+            start = time.perf_counter()
+            try:
+                response = await http.post(
+                    "/v1/classify",
+                    files=[("images", ("x.jpg", image, "image/jpeg"))],
+                    data={"labels": labels},
+                )
+                if response.status_code != 200:
+                    errors.append(response.status_code)
+                    continue
+            except httpx.HTTPError as e:
+                errors.append(type(e).__name__)
+                continue
+            latencies.append(time.perf_counter() - start)
+
+    limits = httpx.Limits(max_connections=num_clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(num_clients)))
+        wall = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "throughput": len(latencies) / wall,
+        "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else float("nan"),
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0,
+        "num_errors": len(errors),
+        "num_ok": len(latencies),
+        "wall_s": wall,
+    }
+
+
+def run_variant(checkpoint: Path, max_batch: int, args, image: bytes, labels: list[str]) -> dict:
+    process, url = start_server(checkpoint, max_batch)
+    try:
+        asyncio.run(load(url, args.clients, args.warmup, image, labels))
+        before = httpx.get(f"{url}/healthz").json()
+        result = asyncio.run(load(url, args.clients, args.requests, image, labels))
+        after = httpx.get(f"{url}/healthz").json()
+        num_batches = after["num_batches"] - before["num_batches"]
+        result["mean_batch"] = (after["num_items"] - before["num_items"]) / max(1, num_batches)
+        return result
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="clip-pipe-tiny-28")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=500, help="per client")
+    parser.add_argument("--warmup", type=int, default=10, help="requests per client before timing")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--num-labels", type=int, default=10)
+    args = parser.parse_args()
+
+    labels = [f"label number {i}" for i in range(args.num_labels)]
+    image = test_image()
+    results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        encoder = build_model(ModelConfig(name=args.model))
+        checkpoint = save_export(encoder.model, encoder.model_cfg, Path(tmp))
+        for round_index in range(args.rounds):
+            order = list(VARIANTS) if round_index % 2 == 0 else list(reversed(VARIANTS))
+            for name in order:
+                r = run_variant(checkpoint, VARIANTS[name], args, image, labels)
+                results[name].append(r)
+                print(
+                    f"round {round_index} {name:14s} {r['throughput']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
+                    f"p99 {r['p99_ms']:6.1f} ms  errors {r['num_errors']}  mean batch {r['mean_batch']:.1f}",
+                    flush=True,
+                )
+
+    ratios = [
+        b["throughput"] / o["throughput"]
+        for b, o in zip(results["batched"], results["one-at-a-time"], strict=True)
+    ]
+    print()
+    print(f"machine: {machine_description()}; torch {torch.__version__}; model {args.model}")
+    print(
+        f"load: {args.clients} clients x {args.requests} requests (1 image of 96x96 JPEG, {args.num_labels} labels),"
+        f" {args.rounds} rounds, interleaved"
+    )
+    print("| server | requests/s | p50 ms | p99 ms | errors | mean batch |")
+    print("|---|---|---|---|---|---|")
+    for name, rs in results.items():
+        print(
+            f"| {name} (--max-batch {VARIANTS[name]}) | {statistics.median(r['throughput'] for r in rs):.1f} | "
+            f"{statistics.median(r['p50_ms'] for r in rs):.1f} | {statistics.median(r['p99_ms'] for r in rs):.1f} | "
+            f"{sum(r['num_errors'] for r in rs)} | {statistics.median(r['mean_batch'] for r in rs):.1f} |"
+        )
+    print(
+        f"batching speed-up (requests/s, batched / one-at-a-time): median {statistics.median(ratios):.2f}x, "
+        f"spread {min(ratios):.2f}x - {max(ratios):.2f}x over {len(ratios)} rounds"
+    )
+    return 1 if any(r["num_errors"] for rs in results.values() for r in rs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The `clip-pipe` command: zero-shot classification, evaluation, serving and export of a trained model.
+
+    clip-pipe classify --checkpoint CKPT --labels "cat,dog,car" IMG [IMG ...] [--json]
+    clip-pipe eval     --checkpoint CKPT --eval-set DIR [--eval-set DIR ...] [--out results.json]
+    clip-pipe serve    --checkpoint CKPT [--host 127.0.0.1] [--port 8000] [--token T | env CLIP_PIPE_TOKEN]
+    clip-pipe export   --checkpoint CKPT --out model.pt
+
+CKPT is a run directory (its final model, else its latest checkpoint), a checkpoint directory, or a
+`model.pt` with `open_clip_config.json` beside it. This module only parses arguments; the work is done
+by clip_pipe.classifier, clip_pipe.zeroshot, clip_pipe.serve and clip_pipe.model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from clip_pipe.classifier import ImageError, ZeroShotClassifier
+
+    labels = [label.strip() for label in args.labels.split(",")]
+    clf = ZeroShotClassifier.from_checkpoint(args.checkpoint, device=args.device or default_device())
+    clf.label_weights(labels, args.template)  # a bad label set fails before any image is read
+    rows, num_failed = [], 0
+    for start in range(0, len(args.images), args.batch_size):
+        chunk = args.images[start : start + args.batch_size]
+        good, loaded = [], []
+        for path in chunk:
+            try:
+                loaded.append(clf.load_image(path))
+                good.append(path)
+            except ImageError as e:  # reported with its reason; the other images still get classified
+                rows.append({"image": path, "error": str(e)})
+                num_failed += 1
+        if loaded:
+            ranked = clf.classify(loaded, labels, args.template, top_k=args.top_k)
+            rows += [
+                {"image": path, "labels": [p._asdict() for p in predictions]}
+                for path, predictions in zip(good, ranked, strict=True)
+            ]
+    order = {path: i for i, path in enumerate(args.images)}
+    rows.sort(key=lambda row: order[row["image"]])
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+    for row in rows:
+        if "error" in row:
+            print(f"error: {row['image']}: {row['error']}", file=sys.stderr)
+    return 1 if num_failed else 0
+
+
+def format_table(rows: list[dict]) -> str:
+    """One row per image: its labels from most to least likely, each with its probability."""
+    cells = [
+        [row["image"], f"error: {row['error']}"]
+        if "error" in row
+        else [row["image"], *(f"{p['label']} {p['probability']:.3f}" for p in row["labels"])]
+        for row in rows
+    ]
+    num_ranks = max((len(row.get("labels", [])) for row in rows), default=0)
+    cells.insert(0, ["image", *(f"#{i + 1}" for i in range(num_ranks))])
+    num_columns = max(len(r) for r in cells)
+    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(num_columns)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths[: len(r)], strict=True)).rstrip() for r in cells
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from clip_pipe.checkpoints import resolve_model_file
+    from clip_pipe.model import load_export
+    from clip_pipe.zeroshot import evaluate, format_results, read_eval_set
+
+    device = args.device or default_device()
+    eval_sets = [read_eval_set(path) for path in args.eval_set]
+    model_file = resolve_model_file(args.checkpoint)
+    encoder = load_export(model_file)
+    model = encoder.model.to(device)
+    print(f"checkpoint: {model_file}")
+    results = {}
+    for eval_set in eval_sets:
+        r = evaluate(
+            model, encoder.preprocess_val, encoder.tokenizer, eval_set, args.batch_size, device=device
+        )
+        results[eval_set.name] = r
+        print(format_results(r))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from clip_pipe.classifier import ZeroShotClassifier
+    from clip_pipe.limits import TOKEN_ENV, ServeLimits
+    from clip_pipe.serve import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    clf = ZeroShotClassifier.from_checkpoint(args.checkpoint, device=args.device or default_device())
+    auth = "bearer token required" if token else "no auth"
+    print(f"serving on http://{args.host}:{args.port} ({auth}; docs at /docs)", file=sys.stderr, flush=True)
+    serve(clf, args.host, args.port, token, limits, args.max_batch, args.max_wait_ms)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from clip_pipe.checkpoints import resolve_model_file
+    from clip_pipe.model import OPEN_CLIP_CONFIG, load_export, save_export
+
+    source = resolve_model_file(args.checkpoint)
+    out = Path(args.out)
+    if out.resolve() == source.resolve():
+        raise ValueError(f"--out {out} is the checkpoint itself; pick another path")
+    encoder = load_export(source)
+    path = save_export(encoder.model, encoder.model_cfg, out.parent, out.name)
+    print(f"wrote {path} and {path.parent / OPEN_CLIP_CONFIG} (from {source})")
+    print(f'open_clip: open_clip.create_model("local-dir:{path.parent}") if the file is named')
+    print(
+        "  open_clip_pytorch_model.bin, or open_clip.create_model(NAME, pretrained=PATH) for a registered NAME"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from clip_pipe.limits import TOKEN_ENV, ServeLimits
+
+    parser = argparse.ArgumentParser(
+        prog="clip-pipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(fn=fn)
+        sub.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, or model.pt")
+        return sub
+
+    sub = command("classify", cmd_classify, "rank labels for each image")
+    sub.add_argument("images", nargs="+", metavar="IMG")
+    sub.add_argument("--labels", required=True, help='comma-separated, e.g. "cat,dog,car"')
+    sub.add_argument(
+        "--template",
+        action="append",
+        help='prompt with {c} for the label, e.g. "a photo of a {c}." (repeatable)',
+    )
+    sub.add_argument("--top-k", type=int, help="show only the k most likely labels")
+    sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sub.add_argument("--batch-size", type=int, default=64)
+    sub.add_argument("--device", help="default: cuda if available, else cpu")
+
+    sub = command("eval", cmd_eval, "zero-shot accuracy on eval sets (CLIP_benchmark layout)")
+    sub.add_argument("--eval-set", action="append", required=True, help="eval set folder (repeatable)")
+    sub.add_argument("--batch-size", type=int, default=256)
+    sub.add_argument("--device", help="default: cuda if available, else cpu")
+    sub.add_argument("--out", help="also write the results as JSON here")
+
+    sub = command("serve", cmd_serve, "the HTTP zero-shot API (FastAPI + uvicorn)")
+    sub.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")
+    sub.add_argument("--port", type=int, default=8000)
+    sub.add_argument("--token", help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}, if set)")
+    sub.add_argument("--device", help="default: cuda if available, else cpu")
+    sub.add_argument("--max-batch", type=int, default=32, help="most images per forward pass")
+    sub.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
+    for f in dataclasses.fields(ServeLimits):
+        sub.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
+
+    sub = command("export", cmd_export, "write an open_clip state dict (+ open_clip_config.json)")
+    sub.add_argument("--out", required=True, help="the file to write, e.g. exported/model.pt")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, OSError) as e:  # user mistakes: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
