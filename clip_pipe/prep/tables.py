@@ -103,20 +103,33 @@ def stream_rows(
     label_col: str | None = None,
     chunk_rows: int = 10_000,
 ) -> Iterator[Row]:
-    """Rows of all `paths` in order, numbered across files, read `chunk_rows` at a time."""
+    """Rows of all `paths` in order, numbered across files, read `chunk_rows` at a time. Every table's
+    columns are checked before the first row is returned."""
     assert (image_col is None) != (url_col is None), "exactly one of image_col and url_col"
-    index = 0
     text_columns = tuple(c for c in (image_col, url_col, caption_col) if c is not None)
+    wanted = [c for c in (image_col, url_col, caption_col, label_col) if c is not None]
+    for path in paths:
+        columns = list(next(read_chunks(path, text_columns, 1), pd.DataFrame()).columns)
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            available = ", ".join(map(repr, columns)) or "none"
+            raise ValueError(f"{path}: column {missing[0]!r} not found; available columns: {available}")
+    return _stream_rows(paths, image_col or url_col, url_col is not None, caption_col, label_col, chunk_rows)
+
+
+def _stream_rows(paths, image_col, urls, caption_col, label_col, chunk_rows) -> Iterator[Row]:
+    index = 0
+    text_columns = tuple(c for c in (image_col, caption_col) if c is not None)
     for path in paths:
         for chunk in read_chunks(path, text_columns, chunk_rows):
             try:
                 rows = table_rows(
                     chunk,
-                    image_col=image_col or url_col,
+                    image_col=image_col,
                     caption_col=caption_col,
                     label_col=label_col,
                     start=index,
-                    urls=url_col is not None,
+                    urls=urls,
                 )
             except ValueError as e:
                 raise ValueError(f"{path}: {e}") from None
