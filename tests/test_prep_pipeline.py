@@ -398,3 +398,26 @@ def test_verify_catches_truncation_count_mismatch_and_corrupt_images(dup_images,
     gone = broken_copy("gone")
     (gone / "rejected.csv").write_text("index,image,caption,reason\n1,x,y,z\n")
     assert "rejected.csv lists 1 rows" in run_cli("verify.py", gone).stdout
+
+
+def test_a_crash_before_the_rename_leaves_no_shard_and_a_rerun_completes(dup_images, tmp_path, monkeypatch):
+    import clip_pipe.prep.dataset as dataset
+
+    rows = [Row(i, "b.png" if i % 2 else "a.png", f"caption {i}") for i in range(9)]
+    real_replace = os.replace
+
+    def crash_on_second_shard(src, dst):
+        if Path(dst).name == "shard-000001.tar":
+            raise KeyboardInterrupt("killed")  # not an Exception: nothing may catch and tidy it
+        real_replace(src, dst)
+
+    monkeypatch.setattr(dataset.os, "replace", crash_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build(rows, tmp_path / "out", images=dup_images, shard_size=3)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"], "only complete shards are visible"
+    assert len(list(out.glob(".shard-000001.tar.*.tmp"))) == 1 and not (out / "manifest.json").exists()
+    monkeypatch.setattr(dataset.os, "replace", real_replace)
+    build(rows, out, images=dup_images, shard_size=3)
+    build(rows, tmp_path / "clean", images=dup_images, shard_size=3)
+    assert dataset_files(out) == dataset_files(tmp_path / "clean")
