@@ -104,7 +104,7 @@ def build_dataset(
     num_shards = 0
     context = (cfg, download_cfg, num_threads, str(out_dir))
     progress = tqdm(total=num_rows, desc=f"sharding {out_dir}", unit="row", smoothing=0.05)
-    with progress, worker_pool(num_workers, context) as submit:
+    with progress, WorkerPool(num_workers, context, progress) as submit:
         for index, shard_rows in enumerate(batched(rows, shard_size)):
             num_shards += 1
             assert shard_rows[0].index == index * shard_size, "rows must be numbered 0, 1, 2 ... in order"
@@ -113,9 +113,9 @@ def build_dataset(
             if index % num_tasks != task_index:
                 progress.update(len(shard_rows))
             elif not stats_path.exists():
-                submit(ShardTask(index, name, shard_rows, retry=False), progress)
+                submit(ShardTask(index, name, shard_rows, retry=False))
             elif retry_failed and json.loads(stats_path.read_text())["failed"]:
-                submit(ShardTask(index, name, shard_rows, retry=True), progress)
+                submit(ShardTask(index, name, shard_rows, retry=True))
             else:  # finished by an earlier run
                 progress.update(len(shard_rows))
     if num_tasks > 1:
@@ -170,12 +170,13 @@ def init_worker(cfg: EncodeConfig, download_cfg: DownloadConfig, num_threads: in
     )
 
 
-class worker_pool:
-    """submit(task, progress) runs a ShardTask in `num_workers` processes (1: this one), keeping at most
-    two tasks per process in flight, so reading the input never runs ahead of the work."""
+class WorkerPool:
+    """submit(task) runs a ShardTask in `num_workers` processes (1: this one), keeping at most two tasks
+    per process in flight, so reading the input never runs ahead of the work. Finished rows advance
+    `progress`."""
 
-    def __init__(self, num_workers: int, context: tuple):
-        self.num_workers, self.context = num_workers, context
+    def __init__(self, num_workers: int, context: tuple, progress: tqdm):
+        self.num_workers, self.context, self.progress = num_workers, context, progress
         self.pending: set[concurrent.futures.Future] = set()
 
     def __enter__(self):
@@ -188,11 +189,10 @@ class worker_pool:
             )
         return self.submit
 
-    def submit(self, task: ShardTask, progress: tqdm):
-        self.progress = progress
+    def submit(self, task: ShardTask):
         if self.executor is None:
             run_shard(task)
-            progress.update(len(task.rows))
+            self.progress.update(len(task.rows))
             return
         future = self.executor.submit(run_shard, task)
         future.num_rows = len(task.rows)
