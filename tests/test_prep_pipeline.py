@@ -327,7 +327,9 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_bytes(tmp_path):
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         num_refetched = sum(server.hits.values()) - hits_before
         expected = num_rows - 10 * num_done
-        assert num_refetched == expected, f"fetched {num_refetched}, not the {expected} rows of unfinished shards"
+        assert num_refetched == expected, (
+            f"fetched {num_refetched}, not the {expected} rows of unfinished shards"
+        )
         assert {p: (out / p).stat().st_mtime_ns for p in finished} == finished
         assert "240 rows = 200 written to 24 shards + 0 rejected" in resumed.stdout
         assert "+ 39 duplicates (duplicates.csv) + 1 failed downloads" in resumed.stdout
@@ -415,7 +417,9 @@ def test_a_crash_before_the_rename_leaves_no_shard_and_a_rerun_completes(dup_ima
     with pytest.raises(KeyboardInterrupt):
         build(rows, tmp_path / "out", images=dup_images, shard_size=3)
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"], "only complete shards are visible"
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"], (
+        "only complete shards are visible"
+    )
     assert len(list(out.glob(".shard-000001.tar.*.tmp"))) == 1 and not (out / "manifest.json").exists()
     monkeypatch.setattr(dataset.os, "replace", real_replace)
     build(rows, out, images=dup_images, shard_size=3)
