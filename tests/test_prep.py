@@ -356,6 +356,7 @@ def test_make_shards_cli_errors_are_clean(images, tmp_path, table_name, content,
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert message in result.stderr
+    assert not (tmp_path / "o" / "job.json").exists(), "a refused input must not pin the output's settings"
 
 
 # ---- eval sets --------------------------------------------------------------------------------------

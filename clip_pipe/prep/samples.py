@@ -21,6 +21,7 @@ class Row:
     label: object = None  # as read; checked to be an integer class index when labels are written
     extra: dict = field(default_factory=dict)  # JSON-safe values copied into key.json
     source: str | None = None  # how key.json and rejected.csv name the image; defaults to the path
+    url: str | None = None  # http(s) URL to download the image from (then `image` is unused)
 
     @property
     def key(self) -> str:
@@ -30,6 +31,8 @@ class Row:
     def source_name(self) -> str:
         if self.source is not None:
             return self.source
+        if self.url is not None:
+            return self.url
         return self.image if isinstance(self.image, str) else f"<{len(self.image)} bytes>"
 
 
@@ -42,6 +45,9 @@ class EncodeConfig:
     captions: bool = True  # image-text samples (jpg, txt, json); False: image-only (jpg)
     labels: bool = False  # also write key.cls; the row's label must be an integer
     num_classes: int | None = None  # when set, labels must lie in [0, num_classes)
+    min_side: int = 1  # sources whose shorter side is smaller are rejected (from the header)
+    max_aspect_ratio: float | None = None  # longer / shorter side; None: no limit
+    min_caption_chars: int = 1  # captions shorter than this (after stripping) are rejected
 
     def __post_init__(self):
         if self.image_size < 1:
@@ -50,6 +56,10 @@ class EncodeConfig:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        if self.min_side < 1 or self.min_caption_chars < 1:
+            raise ValueError("min_side and min_caption_chars must be at least 1")
+        if self.max_aspect_ratio is not None and self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {self.num_classes}")
         if self.images_dir is not None and not Path(self.images_dir).is_dir():
@@ -70,24 +80,30 @@ class Rejection:
     reason: str
 
 
-def encode_row(row: Row, cfg: EncodeConfig) -> Sample | Rejection:
+def encode_row(row: Row, cfg: EncodeConfig, data: bytes | None = None) -> Sample | Rejection:
+    """`data`: the image bytes when the caller fetched them already (downloads)."""
     try:
-        return Sample(row.key, sample_fields(row, cfg))
+        return Sample(row.key, sample_fields(row, cfg, data))
     except Rejected as e:
         return Rejection(row.index, row.source_name, row.caption, str(e))
 
 
-def sample_fields(row: Row, cfg: EncodeConfig) -> dict[str, bytes]:
+def sample_fields(row: Row, cfg: EncodeConfig, data: bytes | None = None) -> dict[str, bytes]:
     # Cheap checks first, so a row with a bad caption or label costs no file read or decode.
-    caption = check_caption(row.caption) if cfg.captions else None
+    caption = check_caption(row.caption, cfg.min_caption_chars) if cfg.captions else None
     label = parse_label(row.label, cfg.num_classes) if cfg.labels else None
-    if isinstance(row.image, bytes):
+    if data is None and isinstance(row.image, bytes):
         data = row.image
-    else:
+    elif data is None:
         assert cfg.images_dir is not None, "rows with image paths need EncodeConfig.images_dir"
         data = read_source(resolve_inside(Path(cfg.images_dir), row.image))
     image = encode_image(
-        data, image_size=cfg.image_size, jpeg_quality=cfg.jpeg_quality, max_pixels=cfg.max_pixels
+        data,
+        image_size=cfg.image_size,
+        jpeg_quality=cfg.jpeg_quality,
+        max_pixels=cfg.max_pixels,
+        min_side=cfg.min_side,
+        max_aspect_ratio=cfg.max_aspect_ratio,
     )
 
     fields = {"jpg": image.jpeg}
@@ -109,13 +125,27 @@ def sample_fields(row: Row, cfg: EncodeConfig) -> dict[str, bytes]:
     return fields
 
 
-def check_caption(caption: object) -> str:
+def check_caption(caption: object, min_chars: int = 1) -> str:
     if caption is None:
         raise Rejected("caption is missing")
     assert isinstance(caption, str), f"captions reach the encoder as str or None, got {type(caption)}"
+    # Tables are read with errors="replace", so bytes that are not UTF-8 arrive as U+FFFD; other sources
+    # may hand over surrogate escapes.
+    if "\ufffd" in caption or _has_surrogates(caption):
+        raise Rejected("caption is not valid UTF-8")
     if not caption.strip():
         raise Rejected("caption is empty")
+    if len(caption.strip()) < min_chars:
+        raise Rejected(f"caption shorter than {min_chars} characters")
     return caption.strip()
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 _INTEGER = re.compile(r"[+-]?\d+", re.ASCII)

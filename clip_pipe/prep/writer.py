@@ -39,14 +39,20 @@ class PrepSummary:
     num_rejected: int
     shards: list[ShardInfo]
     reasons: collections.Counter = field(default_factory=collections.Counter)  # rejection reason -> count
+    num_duplicates: int = 0
+    num_failed: int = 0  # downloads that failed (network, HTTP status, timeout); see --retry-failed
 
     def __str__(self) -> str:
-        lines = [
+        line = (
             f"{self.out_dir}: {self.num_rows} rows = {self.num_written} written to {len(self.shards)} shards"
             f" + {self.num_rejected} rejected (listed in rejected.csv)"
-        ]
-        lines += [f"  {n:>8}  {reason}" for reason, n in self.reasons.most_common(10)]
-        return "\n".join(lines)
+        )
+        if self.num_duplicates or self.num_failed:
+            line += (
+                f" + {self.num_duplicates} duplicates (duplicates.csv)"
+                f" + {self.num_failed} failed downloads (failed.csv)"
+            )
+        return "\n".join([line] + [f"  {n:>8}  {reason}" for reason, n in self.reasons.most_common(10)])
 
 
 def tar_blocks(sample: Sample) -> bytes:

@@ -1,0 +1,247 @@
+"""Data prep throughput against img2dataset, and peak memory against input size.
+
+    python -m bench.prep --rounds 3                  # images/s, ours vs img2dataset, same 10k URLs
+    python -m bench.prep --memory 250000 1000000 4000000   # peak RSS vs rows in the caption table
+
+Throughput: 10k JPEGs of varied sizes (Tux Paint photos, re-cropped and rescaled; synthetic pictures
+if the package is absent) are served by `python -m http.server` on 127.0.0.1. Both tools download the
+same URL list with the same processes and threads, resize the shorter side to 224 keeping the aspect
+ratio, and write JPEG quality 95 into 1000-row WebDataset shards. Runs alternate A B A B; each figure is
+the wall clock of the whole command (start-up included), as images written per second.
+
+img2dataset runs from its own venv (it pins webdataset<0.3): IMG2DATASET=/path/to/venv/bin/img2dataset.
+
+Memory: caption tables of N rows (paths + captions) go through the whole pipeline (streamed table
+reading, shard tasks, worker processes, per-shard stats, finalize with rejected.csv), with every row
+rejected by the caption-length filter, so no image is decoded: it measures what grows with the number
+of rows, not image work. Peak RSS is the sum over the process tree, sampled every 50 ms.
+"""
+
+import argparse
+import contextlib
+import csv
+import io
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import psutil
+from PIL import Image, ImageDraw
+
+from bench.common import machine_description
+
+REPO = Path(__file__).resolve().parents[1]
+IMG2DATASET = os.environ.get("IMG2DATASET", "/work/bench-venvs/img2dataset/bin/img2dataset")
+TUXPAINT = Path("/usr/share/tuxpaint/stamps")
+
+
+def make_image(args: tuple[int, list[str], str]) -> None:
+    """Image `i`: a random crop of a Tux Paint photo on a coloured background, 256-1200 px."""
+    i, sources, folder = args
+    rng = random.Random(i)
+    short = rng.randint(256, 900)
+    size = (round(short * rng.uniform(1.0, 1.6)), short)
+    if rng.random() < 0.4:
+        size = size[::-1]
+    background = tuple(rng.randint(0, 255) for _ in range(3))
+    canvas = Image.new("RGB", size, background)
+    if sources:
+        stamp = Image.open(rng.choice(sources)).convert("RGBA")
+        scale = min(size[0] / stamp.width, size[1] / stamp.height) * rng.uniform(0.6, 1.0)
+        stamp = stamp.resize((max(1, int(stamp.width * scale)), max(1, int(stamp.height * scale))))
+        canvas.paste(
+            stamp, (rng.randint(0, size[0] - stamp.width), rng.randint(0, size[1] - stamp.height)), stamp
+        )
+    else:
+        draw = ImageDraw.Draw(canvas)
+        for _ in range(30):
+            box = (
+                sorted(rng.randrange(size[0]) for _ in range(2)),
+                sorted(rng.randrange(size[1]) for _ in range(2)),
+            )
+            fill = tuple(rng.randint(0, 255) for _ in range(3))
+            draw.ellipse([box[0][0], box[1][0], box[0][1], box[1][1]], fill=fill)
+    canvas.save(Path(folder) / f"{i:05d}.jpg", quality=rng.randint(85, 95))
+
+
+def make_images(folder: Path, num_images: int) -> None:
+    if len(list(folder.glob("*.jpg"))) == num_images:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sorted(str(p) for p in TUXPAINT.rglob("*.png")) if TUXPAINT.is_dir() else []
+    with Pool(os.cpu_count()) as pool:
+        pool.map(make_image, [(i, sources, str(folder)) for i in range(num_images)], chunksize=50)
+
+
+def tree_rss(process: psutil.Process) -> int:
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += p.memory_info().rss
+    return total
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str], env: dict | None = None) -> tuple[float, int, str, float]:
+    """(wall seconds, peak RSS of the process tree in bytes, stdout, CPU seconds of the tree). The CPU
+    time counts every process of the command that its parent waited for (pool workers are)."""
+    cpu_before = children_cpu()
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    handle, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss(handle))
+        time.sleep(0.05)
+    wall = time.perf_counter() - start
+    stdout, stderr = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"{command[:3]} failed:\n{stderr[-3000:]}")
+    return wall, peak, stdout, children_cpu() - cpu_before
+
+
+def count_samples(folder: Path) -> int:
+    num = 0
+    for path in folder.glob("*.tar"):
+        with tarfile.open(path) as tar:
+            num += sum(m.name.endswith(".jpg") for m in tar)
+    return num
+
+
+def throughput(args) -> None:
+    work = Path(args.work)
+    images = work / "images"
+    make_images(images, args.num_images)
+    port = 8000 + os.getpid() % 1000
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory", str(images)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(1)
+        urls = work / "urls.csv"
+        with open(urls, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["url", "caption"])
+            for i in range(args.num_images):
+                writer.writerow([f"http://127.0.0.1:{port}/{i:05d}.jpg", f"picture number {i}"])
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        ours = [
+            sys.executable, str(REPO / "data_prep" / "make_shards.py"), "--captions", str(urls), "--url-col", "url",
+            "--workers", str(args.processes), "--threads", str(args.threads), "--image-size", "224",
+            "--jpeg-quality", "95", "--shard-size", "1000", "--retries", "0", "--timeout", "10",
+        ]  # fmt: skip
+        theirs = [
+            IMG2DATASET, "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
+            "--caption_col", "caption", "--output_format", "webdataset", "--processes_count", str(args.processes),
+            "--thread_count", str(args.threads), "--image_size", "224", "--resize_mode", "keep_ratio",
+            "--resize_only_if_bigger", "False", "--encode_quality", "95", "--encode_format", "jpg",
+            "--number_sample_per_shard", "1000", "--timeout", "10", "--retries", "0", "--extract_exif", "False",
+            "--enable_wandb", "False", "--distributor", "multiprocessing",
+        ]  # fmt: skip
+        results = {"clip-pipe": [], "img2dataset": []}
+        for round_ in range(args.rounds):
+            for name in ("clip-pipe", "img2dataset") if round_ % 2 == 0 else ("img2dataset", "clip-pipe"):
+                out = Path(tempfile.mkdtemp(dir=work, prefix=f"{name}-"))
+                command = (
+                    [*ours, "--out", str(out)]
+                    if name == "clip-pipe"
+                    else [*theirs, "--output_folder", str(out)]
+                )
+                wall, peak, _, cpu = timed(command, env)
+                num = count_samples(out)
+                results[name].append((num / wall, wall, peak, num, cpu))
+                print(f"round {round_} {name}: {num} images in {wall:.1f} s = {num / wall:.0f} img/s, "
+                      f"{cpu:.1f} CPU s, peak RSS {peak / 2**20:.0f} MiB", flush=True)  # fmt: skip
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+    finally:
+        server.terminate()
+        server.wait()
+    ratios = [a[0] / b[0] for a, b in zip(results["clip-pipe"], results["img2dataset"], strict=True)]
+    version = subprocess.run(
+        [str(Path(IMG2DATASET).with_name("pip")), "show", "img2dataset"], capture_output=True, text=True
+    ).stdout.split("\n")[1]
+    print(f"\n{machine_description()}; {args.num_images} images; {args.processes} processes x {args.threads} "
+          f"threads; img2dataset {version.split()[-1]}")  # fmt: skip
+    cpu_ratios = [b[4] / a[4] for a, b in zip(results["clip-pipe"], results["img2dataset"], strict=True)]
+    print(
+        "| tool | images/s (median) | wall s (median) | CPU s (median) | peak RSS (median) | images written |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        print(f"| {name} | {statistics.median(r[0] for r in rows):.0f} | {statistics.median(r[1] for r in rows):.1f} "
+              f"| {statistics.median(r[4] for r in rows):.1f} | {statistics.median(r[2] for r in rows) / 2**20:.0f} MiB "
+              f"| {rows[0][3]} |")  # fmt: skip
+    print(f"| ratio (ours / img2dataset) | {statistics.median(ratios):.2f}x "
+          f"({min(ratios):.2f}-{max(ratios):.2f}) over {len(ratios)} pairs | | "
+          f"{statistics.median(cpu_ratios):.2f}x less ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}) | | |")  # fmt: skip
+
+
+def memory(args) -> None:
+    work = Path(args.work)
+    images = work / "mem_images"
+    images.mkdir(parents=True, exist_ok=True)
+    for i in range(8):
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (i * 30, 100, 200)).save(buffer, "JPEG")
+        (images / f"{i}.jpg").write_bytes(buffer.getvalue())
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    table = []
+    for num_rows in args.memory:
+        path = work / f"captions_{num_rows}.csv"
+        if not path.exists():
+            with open(path, "w") as f:
+                f.write("image,caption\n")
+                f.writelines(f"{i % 8}.jpg,a short caption for row {i}\n" for i in range(num_rows))
+        out = Path(tempfile.mkdtemp(dir=work, prefix="mem-"))
+        command = [
+            sys.executable, str(REPO / "data_prep" / "make_shards.py"), "--captions", str(path), "--images",
+            str(images), "--out", str(out), "--workers", str(args.processes), "--shard-size", "10000",
+            "--min-caption-chars", "1000",
+        ]  # fmt: skip
+        wall, peak, stdout, _ = timed(command, env)
+        assert f"{num_rows} rows = 0 written" in stdout, stdout[:300]
+        table.append((num_rows, path.stat().st_size, wall, peak))
+        print(f"{num_rows} rows: {wall:.1f} s, peak RSS {peak / 2**20:.0f} MiB", flush=True)
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+    print(f"\n{machine_description()}; {args.processes} worker processes; all rows rejected (no image work)")
+    print("| rows | table size | wall s | rows/s | peak RSS, all processes |")
+    print("|---|---|---|---|---|")
+    for num_rows, size, wall, peak in table:
+        print(
+            f"| {num_rows:,} | {size / 2**20:.0f} MiB | {wall:.1f} | {num_rows / wall:,.0f} | {peak / 2**20:.0f} MiB |"
+        )
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", default="/tmp/clip-pipe-bench-prep", help="images, tables and outputs")
+    parser.add_argument("--num-images", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3, help="pairs of runs (A B, then B A, ...)")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument(
+        "--memory", type=int, nargs="*", help="measure peak RSS for these table sizes instead"
+    )
+    args = parser.parse_args()
+    if args.memory:
+        memory(args)
+    else:
+        throughput(args)
+
+
+if __name__ == "__main__":
+    main()
