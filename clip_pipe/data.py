@@ -55,7 +55,10 @@ def list_shards(folders: list[str]) -> list[Shard]:
         for name in sorted(sizes):
             if not (folder / name).is_file():
                 raise ValueError(f"{folder}: sizes.json lists {name}, which does not exist")
-            shards.append(Shard(str(folder / name), int(sizes[name])))
+            # Data prep fixes shard numbers by input position, so a shard whose rows were all rejected
+            # holds no samples; a loader slot given only such shards would read nothing.
+            if int(sizes[name]) > 0:
+                shards.append(Shard(str(folder / name), int(sizes[name])))
     if not shards or sum(s.num_samples for s in shards) == 0:
         raise ValueError(f"no samples in {folders}")
     return shards

@@ -26,8 +26,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 # Debian packages: the real data (Fashion-MNIST; Tux Paint stamps, GPL-2, and Noto Color Emoji, OFL, which
-# are built into shards here and never committed) and a SLURM cluster the tests run on loopback.
-APT_PACKAGES="dataset-fashion-mnist tuxpaint-stamps-default fonts-noto-color-emoji unicode-data
+# are built into shards here and never committed; libcairo2 renders their SVGs) and a SLURM cluster the tests run on loopback.
+APT_PACKAGES="dataset-fashion-mnist tuxpaint-stamps-default fonts-noto-color-emoji unicode-data libcairo2
     slurmctld slurmd slurm-client munge"
 missing=""
 for pkg in $APT_PACKAGES; do

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +105,16 @@ def test_missing_sizes_json_is_a_clear_error(tmp_path):
     (tmp_path / "t" / "shard-000000.tar").unlink()
     with pytest.raises(ValueError, match="does not exist"):
         list_shards([str(tmp_path / "t")])
+
+
+def test_empty_shards_are_left_out(tmp_path):
+    """Data prep writes a 0-sample shard for a row range it rejected in full; no loader slot may get it."""
+    folder = write_train_shards(tmp_path / "t", [3, 0, 2])
+    shards = list_shards([str(folder)])
+    assert [Path(s.url).name for s in shards] == ["shard-000000.tar", "shard-000002.tar"]
+    write_train_shards(tmp_path / "empty", [0])
+    with pytest.raises(ValueError, match="no samples"):
+        list_shards([str(tmp_path / "empty")])
 
 
 def add_noise(image: torch.Tensor) -> torch.Tensor:
