@@ -4,10 +4,12 @@
     python -m bench.prep --memory 250000 1000000 4000000   # peak RSS vs rows in the caption table
 
 Throughput: 10k JPEGs of varied sizes (Tux Paint photos, re-cropped and rescaled; synthetic pictures
-if the package is absent) are served by `python -m http.server` on 127.0.0.1. Both tools download the
-same URL list with the same processes and threads, resize the shorter side to 224 keeping the aspect
-ratio, and write JPEG quality 95 into 1000-row WebDataset shards. Runs alternate A B A B; each figure is
-the wall clock of the whole command (start-up included), as images written per second.
+if the package is absent) are served on 127.0.0.1 by nginx, one worker process (`apt-get install
+nginx-light`; without it by `python -m http.server`, which is single-threaded and then limits both
+tools). Both tools download the same URL list with the same processes and threads, resize the shorter
+side to 224 keeping the aspect ratio, and write JPEG quality 95 into 1000-row WebDataset shards. Runs
+alternate A B A B; each figure is the wall clock of the whole command (start-up included), as images
+written per second.
 
 img2dataset runs from its own venv (it pins webdataset<0.3): IMG2DATASET=/path/to/venv/bin/img2dataset.
 
@@ -24,12 +26,15 @@ import io
 import os
 import random
 import resource
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -37,6 +42,7 @@ import psutil
 from PIL import Image, ImageDraw
 
 from bench.common import machine_description
+from clip_pipe.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 IMG2DATASET = os.environ.get("IMG2DATASET", "/work/bench-venvs/img2dataset/bin/img2dataset")
@@ -119,17 +125,75 @@ def count_samples(folder: Path) -> int:
     return num
 
 
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    types {{ image/jpeg jpg; }}
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def static_server(root: Path, work: Path) -> Iterator[tuple[int, str]]:
+    """Serve `root` on 127.0.0.1 with nginx (one worker process, compiled, so the server is not what
+    limits either tool), or `python -m http.server` if nginx is not installed. Yields (port, name)."""
+    port = free_port()
+    nginx = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")  # not on users' PATH
+    with tempfile.TemporaryDirectory(dir=work, prefix="server-") as tmp:
+        if nginx:
+            conf = Path(tmp) / "nginx.conf"
+            conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, root=root.resolve()))
+            version = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip()
+            command, name = [nginx, "-e", f"{tmp}/error.log", "-c", str(conf)], version.split()[-1]
+        else:
+            print("nginx not found (apt-get install nginx-light): serving with python -m http.server, which is "
+                  "single-threaded and limits both tools", flush=True)  # fmt: skip
+            command = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory", str(root)]  # fmt: skip
+            name = "python -m http.server"
+        log = Path(tmp) / "server.log"  # a file, not a pipe: http.server logs every request to stderr
+        with open(log, "wb") as f:
+            server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=f)
+        try:
+            wait_for_port(port, server, log)
+            yield port, name
+        finally:
+            server.terminate()  # nginx: fast shutdown of the master and its worker
+            server.wait()
+
+
+def wait_for_port(port: int, server: subprocess.Popen, log: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the HTTP server exited: {log.read_text()[-2000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the HTTP server did not listen on port {port} within {timeout} s")
+
+
 def throughput(args) -> None:
     work = Path(args.work)
     images = work / "images"
     make_images(images, args.num_images)
-    port = 8000 + os.getpid() % 1000
-    server = subprocess.Popen(
-        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port), "--directory", str(images)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        time.sleep(1)
+    with static_server(images, work) as (port, server_name):
         urls = work / "urls.csv"
         with open(urls, "w", newline="") as f:
             writer = csv.writer(f)
@@ -165,15 +229,12 @@ def throughput(args) -> None:
                 print(f"round {round_} {name}: {num} images in {wall:.1f} s = {num / wall:.0f} img/s, "
                       f"{cpu:.1f} CPU s, peak RSS {peak / 2**20:.0f} MiB", flush=True)  # fmt: skip
                 subprocess.run(["rm", "-rf", str(out)], check=True)
-    finally:
-        server.terminate()
-        server.wait()
     ratios = [a[0] / b[0] for a, b in zip(results["clip-pipe"], results["img2dataset"], strict=True)]
     version = subprocess.run(
         [str(Path(IMG2DATASET).with_name("pip")), "show", "img2dataset"], capture_output=True, text=True
     ).stdout.split("\n")[1]
-    print(f"\n{machine_description()}; {args.num_images} images; {args.processes} processes x {args.threads} "
-          f"threads; img2dataset {version.split()[-1]}")  # fmt: skip
+    print(f"\n{machine_description()}; {args.num_images} images served by {server_name}; {args.processes} "
+          f"processes x {args.threads} threads; img2dataset {version.split()[-1]}")  # fmt: skip
     cpu_ratios = [b[4] / a[4] for a, b in zip(results["clip-pipe"], results["img2dataset"], strict=True)]
     print(
         "| tool | images/s (median) | wall s (median) | CPU s (median) | peak RSS (median) | images written |"
