@@ -2,6 +2,7 @@
 
 import argparse
 import os
+from pathlib import Path
 
 from clip_pipe.prep import (
     DEFAULT_MAX_PIXELS,
@@ -53,8 +54,13 @@ def main():
             max_pixels=args.max_pixels,
             shard_size=args.shard_size,
             num_workers=args.workers,
+            inputs={
+                "labels": [str(Path(args.labels).resolve()), Path(args.labels).stat().st_size],
+                "images": str(Path(args.images).resolve()),
+                "image_col": args.image_col,
+                "label_col": args.label_col,
+            },
             args=vars(args),
-            input_file=args.labels,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -85,7 +85,7 @@ def main():
             args.out,
             cfg,
             shard_size=args.shard_size,
-            prefix=args.prefix,
+            shard_format=f"{args.prefix}-{{:06d}}.tar",
             dedup=args.dedup,
             num_workers=args.workers,
             num_threads=args.threads,

@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 import webdataset as wds
@@ -20,6 +21,7 @@ from clip_pipe.prep.fashion_mnist import (
     train_caption,
 )
 from clip_pipe.prep.idx import read_idx
+from clip_pipe.zeroshot import read_eval_set
 
 needs_data = pytest.mark.skipif(
     not (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file(),
@@ -59,17 +61,25 @@ def test_idx_reader_rejects_bad_files(tmp_path):
         load_split(tmp_path, "train")
 
 
+def built_files(out: Path) -> dict[str, bytes]:
+    """Every file of a build but the manifests (they record the arguments)."""
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
+    return {str(p.relative_to(out)): p.read_bytes() for p in files}
+
+
 @needs_data
 def test_build_small_slice(tmp_path):
-    train, evaluation = build_fashion_mnist(
-        tmp_path, image_size=32, shard_size=64, num_workers=2, seed=0, num_train=150, num_test=70
-    )
+    slice_args = dict(image_size=32, shard_size=64, seed=0, num_train=150, num_test=70)
+    out = tmp_path / "fm"
+    train, evaluation = build_fashion_mnist(out, num_workers=2, **slice_args)
+    build_fashion_mnist(tmp_path / "one_worker", num_workers=1, **slice_args)
+    assert built_files(out) == built_files(tmp_path / "one_worker")
     assert (train.num_rows, train.num_written, len(train.shards)) == (150, 150, 3)
     assert (evaluation.num_rows, evaluation.num_written, len(evaluation.shards)) == (70, 70, 2)
     _, train_labels = load_split(DEFAULT_ROOT, "train")
     _, test_labels = load_split(DEFAULT_ROOT, "test")
 
-    train_dir = tmp_path / "train"
+    train_dir = out / "train"
     assert json.loads((train_dir / "sizes.json").read_text()) == {
         "shard-000000.tar": 64,
         "shard-000001.tar": 64,
@@ -85,7 +95,7 @@ def test_build_small_slice(tmp_path):
         image = Image.open(io.BytesIO(sample["jpg"]))
         assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (32, 32))
 
-    eval_dir = tmp_path / "eval"
+    eval_dir = out / "eval"
     assert (eval_dir / "classnames.txt").read_text().splitlines() == list(CLASSNAMES)
     templates = (eval_dir / "zeroshot_classification_templates.txt").read_text().splitlines()
     assert templates == list(EVAL_TEMPLATES)
@@ -93,3 +103,6 @@ def test_build_small_slice(tmp_path):
     eval_samples = list(wds.WebDataset(str(eval_dir / "test" / "{0..1}.tar"), shardshuffle=False))
     assert [int(s["cls"]) for s in eval_samples] == test_labels[:70].tolist()
     assert all("txt" not in s for s in eval_samples)
+    eval_set = read_eval_set(eval_dir)
+    assert (eval_set.classnames, eval_set.templates) == (list(CLASSNAMES), list(EVAL_TEMPLATES))
+    assert eval_set.shard_urls == [str(eval_dir / "test" / f"{i}.tar") for i in range(2)]

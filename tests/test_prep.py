@@ -17,25 +17,15 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageFile
 
-from clip_pipe.prep import EncodeConfig, Row, read_table, table_rows, write_eval_set, write_shards
+from clip_pipe.prep import EncodeConfig, Row, build_dataset, read_table, table_rows, write_eval_set
 from clip_pipe.prep.images import Rejected
 from clip_pipe.prep.samples import parse_label
+from tests.prep_helpers import image_bytes, noise
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- tiny inputs, made per test ---------------------------------------------------------------
-
-
-def image_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -74,7 +64,7 @@ def write_table(df: pd.DataFrame, path: Path) -> Path:
 
 def build(images: Path, rows, out: Path, *, image_size=16, labels=False, **kwargs):
     cfg = EncodeConfig(images_dir=images, image_size=image_size, labels=labels)
-    return write_shards(rows, out, cfg, **kwargs)
+    return build_dataset(rows, out, cfg, **kwargs)
 
 
 def read_samples(out: Path, pattern: str = "*.tar") -> dict[str, dict]:
@@ -262,8 +252,9 @@ def test_bad_rows_are_rejected_with_reasons(images, tmp_path, monkeypatch):
 
 def test_all_rejected_still_writes_metadata(tmp_path):
     summary = build(tmp_path, [Row(0, "nope.jpg", "x")], tmp_path / "out")
-    assert (summary.num_written, summary.num_rejected, summary.shards) == (0, 1, [])
-    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {}
+    assert (summary.num_written, summary.num_rejected) == (0, 1)
+    assert [(s.name, s.num_samples) for s in summary.shards] == [("shard-000000.tar", 0)]
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"shard-000000.tar": 0}
     assert len(rejected_rows(tmp_path / "out")) == 1
 
 
@@ -303,12 +294,15 @@ def test_shards_are_byte_identical_across_runs_and_workers(tmp_path):
         out = tmp_path / f"out{run}"
         build(root, rows, out, shard_size=7, num_workers=num_workers)
         outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "manifest.json"})
-    assert len([n for n in outputs[0] if n.endswith(".tar")]) == 5  # 35 written / 7
+    assert len([n for n in outputs[0] if n.endswith(".tar")]) == 6  # 42 rows / 7, rejects left out
+    sizes = [6, 6, 6, 6, 7, 4]  # rows 0, 9, 18, 27, 36 lack a caption; 40.png and 41.png do not exist
+    assert json.loads(outputs[0]["sizes.json"]) == {f"shard-{i:06d}.tar": n for i, n in enumerate(sizes)}
     assert outputs[0] == outputs[1] == outputs[2]
 
 
-def test_refuses_to_mix_with_existing_shards(images, tmp_path):
-    build(images, [Row(0, "red.jpg", "x")], tmp_path / "out")
+def test_refuses_to_mix_with_shards_of_another_job(images, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "shard-000000.tar").write_bytes(bytes(10240))  # no job.json: not ours to resume
     with pytest.raises(ValueError, match="already holds shards"):
         build(images, [Row(0, "red.jpg", "x")], tmp_path / "out")
 

@@ -26,7 +26,7 @@ import json
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,7 +65,7 @@ def build_dataset(
     cfg: EncodeConfig,
     *,
     shard_size: int = 1000,
-    prefix: str = "shard",
+    shard_format: str = "shard-{:06d}.tar",
     dedup: str = "exact",
     num_workers: int = 1,
     num_threads: int = 16,
@@ -80,22 +80,30 @@ def build_dataset(
     """Shard `rows` (numbered 0, 1, 2 ... in order) into `out_dir`, resuming whatever an earlier run of
     the same job left. Shards whose number is `task_index` modulo `num_tasks` are this call's; with
     `num_tasks` 1 it also finalizes (dedup, sizes.json, manifest) and returns the summary, otherwise it
-    returns None and a later single-task run of the same command finalizes. `inputs` describe the input
-    (files, columns) in job.json; `args` are recorded in the manifest."""
+    returns None and a later single-task run of the same command finalizes. `shard_format` numbers
+    the shard names. `inputs` describe the input (files, columns, counts) in job.json, so a rerun on
+    other input is refused; `args` are recorded in the manifest. `num_rows` sizes the progress bar
+    (default: len(rows), if it has one)."""
     if shard_size < 1 or num_workers < 1 or num_threads < 1:
         raise ValueError("shard_size, num_workers and num_threads must be at least 1")
     if dedup not in DEDUP_MODES:
         raise ValueError(f"dedup must be one of {DEDUP_MODES}, got {dedup!r}")
     if not 0 <= task_index < num_tasks:
         raise ValueError(f"task {task_index} is not in [0, {num_tasks})")
+    first_name = shard_format.format(0)
+    if Path(first_name).name != first_name or not first_name.endswith(".tar") or first_name == shard_format:
+        raise ValueError(
+            f"shard_format {shard_format!r} must number plain .tar file names, e.g. 'shard-{{:06d}}.tar'"
+        )
+    if num_rows is None and isinstance(rows, Sized):
+        num_rows = len(rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name_format = f"{prefix}-{{:06d}}.tar"
     job = {
         "format_version": FORMAT_VERSION,
         "encode": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "shard_size": shard_size,
-        "shard_format": name_format,
+        "shard_format": shard_format,
         "dedup": dedup,
         "inputs": dict(inputs or {}),
     }
@@ -108,7 +116,7 @@ def build_dataset(
         for index, shard_rows in enumerate(batched(rows, shard_size)):
             num_shards += 1
             assert shard_rows[0].index == index * shard_size, "rows must be numbered 0, 1, 2 ... in order"
-            name = name_format.format(index)
+            name = shard_format.format(index)
             stats_path = out_dir / stats_name(name)
             if index % num_tasks != task_index:
                 progress.update(len(shard_rows))
@@ -120,7 +128,7 @@ def build_dataset(
                 progress.update(len(shard_rows))
     if num_tasks > 1:
         return None
-    return finalize(out_dir, name_format, num_shards, dedup, job, args)
+    return finalize(out_dir, shard_format, num_shards, dedup, job, args)
 
 
 def check_job(out_dir: Path, job: dict):

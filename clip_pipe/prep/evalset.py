@@ -4,15 +4,16 @@ OUT/classnames.txt                          one class name per line; line i is l
 OUT/zeroshot_classification_templates.txt   one prompt per line, each with "{c}"
 OUT/dataset_type.txt                        "classification"
 OUT/test/nshards.txt, OUT/test/0.tar ...    samples key.jpg + key.cls (unpadded shard names)
-OUT/test/sizes.json, manifest.json, rejected.csv
+OUT/test/sizes.json, manifest.json, rejected.csv ...   as clip_pipe.prep.dataset writes them (resumable)
 """
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from clip_pipe.prep.dataset import build_dataset
 from clip_pipe.prep.images import DEFAULT_MAX_PIXELS
 from clip_pipe.prep.samples import EncodeConfig, Row
-from clip_pipe.prep.writer import PrepSummary, write_shards
+from clip_pipe.prep.writer import PrepSummary
 
 # Generic prompts (a subset of OpenAI's ImageNet ensemble) for sets that bring no templates of their own.
 DEFAULT_TEMPLATES = (
@@ -76,11 +77,12 @@ def write_eval_set(
     shard_size: int = 1000,
     num_workers: int = 1,
     num_rows: int | None = None,
+    inputs: Mapping[str, object] | None = None,
     args: Mapping[str, object] | None = None,
-    input_file: str | None = None,
 ) -> PrepSummary:
     """Write `rows` (images with integer labels indexing `classnames`) as an eval set at `out_dir`.
-    Rows whose label is not an integer in [0, len(classnames)) are rejected like bad images."""
+    Rows whose label is not an integer in [0, len(classnames)) are rejected like bad images.
+    `inputs` and `args` are as for build_dataset; a rerun of the same job resumes it."""
     check_classnames(classnames)
     check_templates(templates)
     cfg = EncodeConfig(
@@ -93,16 +95,18 @@ def write_eval_set(
         num_classes=len(classnames),
     )
     out_dir = Path(out_dir)
-    summary = write_shards(
+    summary = build_dataset(
         rows,
         out_dir / "test",
         cfg,
         shard_size=shard_size,
-        shard_format="{}.tar",
+        shard_format="{}.tar",  # CLIP_benchmark reads test/{0..n-1}.tar
+        # A benchmark keeps every test image, repeats included, so its scores compare with others'.
+        dedup="none",
         num_workers=num_workers,
         num_rows=num_rows,
+        inputs=inputs,
         args=args,
-        input_file=input_file,
     )
     (out_dir / "test" / "nshards.txt").write_text(f"{len(summary.shards)}\n")
     (out_dir / "classnames.txt").write_text(
