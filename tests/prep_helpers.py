@@ -23,7 +23,7 @@ def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
 
 class ImageServer:
     """Serves /img/N.jpg (a distinct JPEG per N), /slowimg/N.jpg (the same after `delay` s), /missing (404),
-    /hang (answers after 3 s), /redirect/K/N.jpg (K redirects, then /img/N.jpg), /loop (redirects to
+    /hang (answers after 8 s), /redirect/K/N.jpg (K redirects, then /img/N.jpg), /loop (redirects to
     itself), /big (over any small size limit), /corrupt.jpg (half a JPEG), /toggle/N.jpg (404 until
     `broken` is cleared), /busy (503). Counts every request per path in `hits`."""
 
@@ -74,7 +74,7 @@ class ImageServer:
         if parts[0] == "loop":
             return 302, {"Location": "/loop"}, b""
         if parts[0] == "hang":
-            time.sleep(3)
+            time.sleep(8)
             return 200, {}, self.jpeg(0)
         if parts[0] == "big":
             return 200, {}, bytes(3 << 20)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from clip_pipe.distributed import free_port
 from tests.conftest import COLORS, REPO
 
 pytestmark = pytest.mark.slow
@@ -79,7 +80,12 @@ def test_prep_train_two_ranks_and_evaluate(tmp_path):
     train, eval_set = prep(tmp_path)
     run_dir = tmp_path / "run"
     # 3 uneven shards (40, 40, 10) for 2 ranks x 2 workers = 4 loader slots: more slots than shards.
-    deepspeed = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
+    deepspeed = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        f"--master_port={free_port()}",
+    ]
     overrides = ("run.steps=40", "data.num_workers=2", "eval.every_steps=20")
     run(*train_command(deepspeed, train, eval_set, run_dir, *overrides), timeout=600)
 
@@ -161,7 +167,12 @@ def test_hf_text_tower_trains_under_torchrun(tmp_path, color_shards, color_eval_
 
     hf_dir = tiny_hf_text_model(tmp_path / "bert")
     run_dir = tmp_path / "run"
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2"]
+    torchrun = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        f"--master-port={free_port()}",
+    ]
     overrides = (
         f"model.hf_text_model={hf_dir}",
         "model.context_length=12",

@@ -24,7 +24,8 @@ from clip_pipe.prep.verify import verify_dataset
 from tests.prep_helpers import ImageServer, image_bytes, noise
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = DownloadConfig(timeout=0.5, num_retries=0, backoff=0.0, max_bytes=1 << 20)
+# Generous enough for a loaded 2-core CI machine; /hang outlasts it by far.
+FAST = DownloadConfig(timeout=2.0, num_retries=0, backoff=0.0, max_bytes=1 << 20)
 
 
 def table(out: Path, name: str) -> list[dict]:
@@ -96,7 +97,7 @@ def test_retries_with_backoff_then_retry_failed_refetches_only_failed_rows(tmp_p
     paths = ["/img/1.jpg", "/toggle/2.jpg", "/img/3.jpg", "/toggle/4.jpg", "/img/5.jpg"]
     with ImageServer() as server:
         rows = [Row(i, "", f"c{i}", url=server.url + p) for i, p in enumerate(paths)]
-        retrying = DownloadConfig(timeout=0.5, num_retries=2, backoff=0.01)
+        retrying = DownloadConfig(timeout=2.0, num_retries=2, backoff=0.01)
         summary = build(rows, tmp_path / "out", shard_size=2, download_cfg=retrying)
         assert summary.num_failed == 2 and server.hits["/toggle/2.jpg"] == 1  # 404 is not retried at once
         server.hits.clear()
