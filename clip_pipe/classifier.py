@@ -24,6 +24,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from clip_pipe.checkpoints import resolve_model_file
 from clip_pipe.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from clip_pipe.losses import MAX_LOGIT_SCALE
 from clip_pipe.model import DualEncoder, load_export
 from clip_pipe.prep.images import to_rgb
 from clip_pipe.zeroshot import classifier_weights, encode_texts
@@ -133,7 +134,10 @@ class ZeroShotClassifier:
         self.preprocess = encoder.preprocess_val
         self.tokenizer = encoder.tokenizer
         self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
-        self.logit_scale = float(self.model.logit_scale.detach().exp().clamp(max=100))
+        self.logit_scale = float(self.model.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE))
+        # A sigmoid-trained (SigLIP) model carries a bias; its probabilities are per label, not a softmax.
+        bias = getattr(self.model, "logit_bias", None)
+        self.logit_bias = None if bias is None else float(bias.detach())
         self.embed_dim = int(self.model_cfg["embed_dim"])
         self._label_weights = functools.lru_cache(maxsize=cache_size)(self._compute_label_weights)
 
@@ -179,9 +183,12 @@ class ZeroShotClassifier:
         templates: Sequence[str] | None = None,
         top_k: int | None = None,
     ) -> list[list[Prediction]]:
-        """Labels ranked for each row of `image_features`, with softmax(logit_scale · cosine) probabilities."""
+        """Labels ranked for each row of `image_features`, with softmax(logit_scale · cosine) probabilities,
+        or, for a model trained with the sigmoid loss, sigmoid(logit_scale · cosine + logit_bias): the
+        probability that each label matches, as that model was trained to give it (they need not sum to 1)."""
         weights = self.label_weights(labels, templates)  # (D, C)
-        probs = (self.logit_scale * image_features @ weights).softmax(dim=-1)  # (N, C)
+        logits = self.logit_scale * image_features @ weights  # (N, C)
+        probs = logits.softmax(dim=-1) if self.logit_bias is None else (logits + self.logit_bias).sigmoid()
         top = probs.topk(min(top_k or len(labels), len(labels)), dim=-1)
         return [
             [Prediction(labels[i], p) for p, i in zip(values.tolist(), indices.tolist(), strict=True)]

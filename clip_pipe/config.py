@@ -14,6 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -86,6 +87,22 @@ class OptimConfig:
 
 
 @dataclass
+class LossConfig:
+    kind: Literal["infonce", "siglip"] = "infonce"
+    """`infonce`: CLIP's symmetric softmax cross-entropy over the global batch. `siglip`: SigLIP's pairwise
+    sigmoid loss; the model then gets a learnable logit bias (initialised to -10, the scale to 10, as in
+    the paper). Both take their negatives from every rank."""
+    tile_size: int = 2048
+    """The loss computes its logits in blocks of tile_size x tile_size, so its memory grows with
+    batch_size x tile_size rather than batch_size x global batch. Larger blocks use the hardware better."""
+
+    def __post_init__(self):
+        kinds = typing.get_args(typing.get_type_hints(LossConfig)["kind"])
+        _check(self.kind in kinds, f"loss.kind must be one of {list(kinds)}, got {self.kind!r}")
+        _check(self.tile_size >= 1, "loss.tile_size must be >= 1")
+
+
+@dataclass
 class EvalConfig:
     sets: list[str] = field(default_factory=list)
     """Zero-shot eval sets in CLIP_benchmark's WebDataset layout (see `data_prep/make_eval_set.py`)."""
@@ -142,6 +159,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -214,6 +232,10 @@ def from_dict(cls, raw: dict, prefix: str = ""):
 def _coerce(value, hint, key: str):
     """Return `value` as type `hint`, or raise a ValueError naming `key`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"config key {key!r} must be one of {list(args)}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

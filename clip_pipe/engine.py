@@ -136,6 +136,7 @@ class Engine:
         return self.ds.device
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor):
+        """(image_features, text_features, logit_scale), plus logit_bias for models that have one."""
         return self.ds(images.to(self.device, self.dtype), texts.to(self.device))
 
     def train_step(self, images: torch.Tensor, texts: torch.Tensor, loss_fn: nn.Module, lr: float):
@@ -153,8 +154,7 @@ class Engine:
             group["lr"] = lr
         self.ds.train()
         if self.accum_steps == 1:
-            image_features, text_features, logit_scale = self.forward(images, texts)
-            loss = loss_fn(image_features, text_features, logit_scale)
+            loss = loss_fn(*self.forward(images, texts))
             self.ds.backward(loss)
             self.ds.step()
             return loss.detach(), self.ds.get_global_grad_norm()
@@ -164,12 +164,12 @@ class Engine:
         with torch.no_grad():
             cached = [self.forward(i, t)[:2] for i, t in zip(micro_images, micro_texts, strict=True)]
         for j in range(self.accum_steps):
-            image_features, text_features, logit_scale = self.forward(micro_images[j], micro_texts[j])
+            image_features, text_features, *scale_and_bias = self.forward(micro_images[j], micro_texts[j])
             all_image = torch.cat(
                 [f[0] if k != j else image_features for k, f in enumerate(cached)]
             )  # (B, D)
             all_text = torch.cat([f[1] if k != j else text_features for k, f in enumerate(cached)])  # (B, D)
-            loss = loss_fn(all_image, all_text, logit_scale)
+            loss = loss_fn(all_image, all_text, *scale_and_bias)
             # Each micro-step's loss is the whole batch's loss, so the gradients add up, unscaled:
             # DeepSpeed's default divides by accum_steps, as if each micro-batch had a loss of its own.
             self.ds.set_gradient_accumulation_boundary(j == self.accum_steps - 1)

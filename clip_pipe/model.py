@@ -21,7 +21,8 @@ from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
 
-from clip_pipe.config import ModelConfig
+from clip_pipe.config import LossConfig, ModelConfig
+from clip_pipe.losses.siglip import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -41,8 +42,8 @@ class DualEncoder:
     tokenizer: Any
 
 
-def model_cfg_for(cfg: ModelConfig) -> dict[str, Any]:
-    """The open_clip architecture dict that `cfg` asks for."""
+def model_cfg_for(cfg: ModelConfig, loss: LossConfig | None = None) -> dict[str, Any]:
+    """The open_clip architecture dict that `cfg` asks for, with a logit bias if `loss` needs one."""
     model_cfg = open_clip.get_model_config(cfg.name)
     if model_cfg is None:
         raise ValueError(
@@ -62,11 +63,16 @@ def model_cfg_for(cfg: ModelConfig) -> dict[str, Any]:
         model_cfg["custom_text"] = True
     elif cfg.context_length:
         model_cfg["text_cfg"]["context_length"] = cfg.context_length
+    if loss is not None and loss.kind == "siglip" and model_cfg.get("init_logit_bias") is None:
+        # As open_clip's own SigLIP configs do: the bias lives in the architecture dict, so the exported
+        # open_clip_config.json rebuilds a model with the parameter its weights carry.
+        model_cfg.update(init_logit_scale=INIT_LOGIT_SCALE, init_logit_bias=INIT_LOGIT_BIAS)
     return model_cfg
 
 
-def build_model(cfg: ModelConfig) -> DualEncoder:
-    encoder = create(model_cfg_for(cfg), hf_pretrained=cfg.hf_pretrained)
+def build_model(cfg: ModelConfig, loss: LossConfig | None = None) -> DualEncoder:
+    """The model `cfg` names, with what `loss` needs of it (SigLIP: a learnable logit bias)."""
+    encoder = create(model_cfg_for(cfg, loss), hf_pretrained=cfg.hf_pretrained)
     if cfg.pretrained:
         load_weights(encoder.model, cfg.pretrained, model_name=cfg.name)
     return encoder
@@ -84,8 +90,8 @@ def create(model_cfg: dict[str, Any], hf_pretrained: bool = False) -> DualEncode
     if "hf_model_name" in text_cfg:
         build_cfg["text_cfg"] = {**text_cfg, "hf_model_pretrained": hf_pretrained}
     model_class = open_clip.CustomTextCLIP if is_custom_text else open_clip.CLIP
-    # DeepSpeed cannot broadcast 0-dim parameters, so logit_scale is shape (1,) while we train;
-    # `export_state_dict` gives it back its 0-dim shape for open_clip.
+    # DeepSpeed cannot broadcast 0-dim parameters, so logit_scale (and logit_bias, for models that have
+    # one) is shape (1,) while we train; `export_state_dict` gives them back their 0-dim shape for open_clip.
     model = model_class(**build_cfg, nonscalar_logit_scale=True)
 
     preprocess_cfg = merge_preprocess_dict(

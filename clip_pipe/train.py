@@ -30,7 +30,7 @@ from clip_pipe.config import OptimConfig, TrainConfig, save_config
 from clip_pipe.data import ImageTextStream, LoaderPosition, batch_loader, list_shards
 from clip_pipe.distributed import env_from_os, threads_per_rank
 from clip_pipe.engine import Engine, init_process_group
-from clip_pipe.loss import ClipLoss
+from clip_pipe.losses import MAX_LOGIT_SCALE, build_loss
 from clip_pipe.metrics import MetricsLog, plot_metrics, setup_logging
 from clip_pipe.model import DualEncoder, build_model, save_export
 from clip_pipe.zeroshot import evaluate, format_results, read_eval_set
@@ -110,9 +110,9 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
 
     init_process_group(env)
     torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
-    encoder = build_model(cfg.model)
+    encoder = build_model(cfg.model, cfg.loss)
     engine = Engine(encoder.model, cfg, env.world_size)
-    loss_fn = ClipLoss(env.rank, env.world_size)
+    loss_fn = build_loss(cfg.loss, env.rank, env.world_size)
     global_batch = cfg.data.batch_size * env.world_size
     metrics = MetricsLog(run_dir / "metrics.jsonl")
 
@@ -171,7 +171,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
-                "logit_scale": min(engine.logit_scale(), loss_fn.max_logit_scale),
+                "logit_scale": min(engine.logit_scale(), MAX_LOGIT_SCALE),
                 "samples_per_s": window_steps * global_batch / elapsed,
                 "data_wait_frac": data_wait / elapsed,
             }

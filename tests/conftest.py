@@ -124,7 +124,7 @@ def train_color_export(folder: Path, num_steps: int = 60, seed: int = 0) -> Path
     import torch
 
     from clip_pipe.config import ModelConfig
-    from clip_pipe.loss import ClipLoss
+    from clip_pipe.losses import ClipLoss
     from clip_pipe.model import build_model, save_export
 
     # Tiny ops: threads only contend with each other (16 s instead of 2 s on a busy 2-core machine).

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_pipe.loss import ClipLoss
+from clip_pipe.losses import build_loss
 from clip_pipe.model import build_model
 from clip_pipe.train import lr_at
 from tests.conftest import run_ranks
@@ -33,12 +33,15 @@ def _train_ranks(rank: int, world_size: int, out: str) -> None:
     torch.set_num_threads(1)
     init_process_group(env_from_os())
     for stage in STAGES:
-        cfg = make_cfg(stage, partition_everything(Path(out).parent), f"optim.accum_steps={ACCUM_STEPS}")
+        # The configured loss (tiled InfoNCE), in blocks of 3 that split the 4 local rows unevenly.
+        cfg = make_cfg(
+            stage, partition_everything(Path(out).parent), f"optim.accum_steps={ACCUM_STEPS}", "loss.tile_size=3"
+        )
         torch.manual_seed(0)
         encoder = build_model(cfg.model)
         engine = Engine(encoder.model, cfg, world_size)
         assert engine.config["train_micro_batch_size_per_gpu"] == NUM_LOCAL // ACCUM_STEPS
-        loss_fn = ClipLoss(rank, world_size)
+        loss_fn = build_loss(cfg.loss, rank, world_size)
         rows = slice(rank * NUM_LOCAL, (rank + 1) * NUM_LOCAL)
         for step in range(NUM_STEPS):
             images, texts = global_batch(step, encoder.tokenizer)

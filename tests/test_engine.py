@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clip_pipe.config import load_config
-from clip_pipe.loss import ClipLoss
+from clip_pipe.losses import ClipLoss
 from clip_pipe.model import build_model, export_state_dict
 from clip_pipe.train import lr_at
 from tests.conftest import run_ranks

@@ -6,7 +6,7 @@ import open_clip
 import torch
 
 from clip_pipe.config import ModelConfig
-from clip_pipe.loss import ClipLoss
+from clip_pipe.losses import ClipLoss
 from clip_pipe.model import build_model, save_export
 
 

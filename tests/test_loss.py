@@ -1,23 +1,29 @@
-"""The distributed loss equals the single-process loss over the whole global batch, in value and gradient."""
+"""The distributed InfoNCE losses equal the single-process loss over the whole global batch, in value and
+gradient: ClipLoss (the plain reference) and TiledClipLoss (blocks, O(B·tile) memory), at 2 and 3 ranks."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 
-from clip_pipe.loss import ClipLoss
+from clip_pipe.config import LossConfig
+from clip_pipe.losses import MAX_LOGIT_SCALE, ClipLoss, SigLipLoss, TiledClipLoss, build_loss
 from tests.conftest import run_ranks
 
-NUM_LOCAL, DIM, WORLD = 6, 16, 2
+NUM_LOCAL, DIM = 6, 16
+# Tiles of 5 split 6 local rows 5 + 1 and 12 or 18 global columns 5 + 5 + 2 or 5 + 5 + 5 + 3: no block
+# size divides the batch, so an off-by-one at a block edge shows.
+TILE = 5
 
 
-def global_batch(seed: int = 0):
+def global_batch(world_size: int, seed: int = 0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    image = F.normalize(torch.randn(WORLD * NUM_LOCAL, DIM, generator=g, dtype=torch.float64), dim=-1)
-    text = F.normalize(torch.randn(WORLD * NUM_LOCAL, DIM, generator=g, dtype=torch.float64), dim=-1)
-    return image, text, torch.tensor([12.5], dtype=torch.float64)
+    image = F.normalize(torch.randn(world_size * NUM_LOCAL, DIM, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(world_size * NUM_LOCAL, DIM, generator=g, dtype=torch.float64), dim=-1)
+    return image.to(dtype), text.to(dtype), torch.tensor([12.5], dtype=torch.float64)
 
 
 def naive_clip_loss(image, text, scale):
@@ -26,67 +32,135 @@ def naive_clip_loss(image, text, scale):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+def loss_and_grads(loss_fn, image, text, scale, bias=None) -> dict:
+    """The loss and its gradients with respect to every input, in one process."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in (image, text, scale, bias) if t is not None]
+    loss = loss_fn(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    names = ("image_grad", "text_grad", "scale_grad", "bias_grad")
+    return {"loss": loss.detach(), **dict(zip(names, grads, strict=False))}
+
+
 def test_single_process_matches_definition_and_open_clip():
-    image, text, scale = global_batch()
+    image, text, scale = global_batch(2)
     ours = ClipLoss()(image.float(), text.float(), scale.float())
     torch.testing.assert_close(ours.double(), naive_clip_loss(image, text, scale), rtol=1e-6, atol=0)
     theirs = OpenClipLoss()(image.float(), text.float(), scale.float().squeeze())
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
 
 
-def test_logit_scale_is_clamped_at_100():
-    image, text, _ = global_batch()
+@pytest.mark.parametrize("tile", [1, TILE, 12, 1000])
+def test_tiled_equals_clip_loss_in_one_process(tile):
+    image, text, scale = global_batch(2)
+    expected = loss_and_grads(ClipLoss(), image, text, scale)
+    got = loss_and_grads(TiledClipLoss(tile_size=tile), image, text, scale)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("loss_cls", [ClipLoss, TiledClipLoss])
+def test_logit_scale_is_clamped_at_100(loss_cls):
+    image, text, _ = global_batch(2)
     big = torch.tensor([250.0], requires_grad=True)
-    loss = ClipLoss()(image.float(), text.float(), big)
-    torch.testing.assert_close(loss, ClipLoss()(image.float(), text.float(), torch.tensor([100.0])))
+    loss = loss_cls()(image.float(), text.float(), big)
+    at_max = loss_cls()(image.float(), text.float(), torch.tensor([MAX_LOGIT_SCALE]))
+    torch.testing.assert_close(loss, at_max)
     loss.backward()
-    assert big.grad.item() == 0.0
+    assert big.grad.item() == 0.0  # as autograd gives through clamp: nothing to learn above the ceiling
 
 
-def _distributed_loss(rank: int, world_size: int, out_path: str) -> None:
-    dist.init_process_group("gloo")
-    image, text, scale = global_batch()
+def test_a_shared_bias_changes_nothing_in_infonce():
+    image, text, scale = global_batch(2)
+    bias = torch.tensor([-3.0], dtype=torch.float64)
+    plain = loss_and_grads(TiledClipLoss(tile_size=TILE), image, text, scale)
+    biased = loss_and_grads(TiledClipLoss(tile_size=TILE), image, text, scale, bias)
+    reference = loss_and_grads(ClipLoss(), image, text, scale, bias)
+    for key in plain:
+        torch.testing.assert_close(biased[key], plain[key], rtol=1e-12, atol=1e-15)
+    assert biased["bias_grad"].shape == (1,) and reference["bias_grad"].abs().item() < 1e-12
+    assert biased["bias_grad"].item() == 0.0
+
+
+def test_build_loss_picks_the_configured_class():
+    assert type(build_loss(LossConfig())) is TiledClipLoss
+    loss_fn = build_loss(LossConfig(kind="siglip", tile_size=7), rank=1, world_size=3)
+    assert type(loss_fn) is SigLipLoss and (loss_fn.rank, loss_fn.world_size, loss_fn.tile_size) == (1, 3, 7)
+    with pytest.raises(ValueError, match="loss.kind"):
+        LossConfig(kind="softmax")
+    with pytest.raises(ValueError, match="loss.tile_size"):
+        LossConfig(tile_size=0)
+
+
+LOSSES = {"clip": lambda r, w: ClipLoss(r, w), "tiled": lambda r, w: TiledClipLoss(r, w, tile_size=TILE)}
+
+
+def distributed_results(rank: int, world_size: int, make_loss, image, text, scale, bias=None) -> dict:
+    """Run the loss on this rank's rows; return what the single-process reference must reproduce."""
     rows = slice(rank * NUM_LOCAL, (rank + 1) * NUM_LOCAL)
+    result = loss_and_grads(make_loss(rank, world_size), image[rows], text[rows], scale, bias)
+    # The reference is the mean of the ranks' losses, which DeepSpeed's gradient averaging realises:
+    # average the loss and the shared parameters' gradients (scale, bias) over ranks, as it does.
+    for key in ("loss", "scale_grad", "bias_grad"):
+        if key in result:
+            value = result[key].clone()
+            dist.all_reduce(value)
+            result[key] = value / world_size
+    return result
+
+
+def _distributed_losses(rank: int, world_size: int, out_path: str) -> None:
+    dist.init_process_group("gloo")
+    results = {}
     # float64 end to end, so any difference from the reference is the algorithm's, not rounding's.
-    local_image = image[rows].clone().requires_grad_(True)
-    local_text = text[rows].clone().requires_grad_(True)
-    local_scale = scale.clone().requires_grad_(True)
-    loss = ClipLoss(rank, world_size)(local_image, local_text, local_scale)
-    loss.backward()
-    # DeepSpeed averages parameter gradients over ranks; do the same to the scale's gradient.
-    mean_loss, scale_grad = loss.detach().clone(), local_scale.grad.clone()
-    dist.all_reduce(mean_loss)
-    dist.all_reduce(scale_grad)
-    torch.save(
-        {"loss": mean_loss / world_size, "image_grad": local_image.grad, "text_grad": local_text.grad,
-         "scale_grad": scale_grad / world_size},
-        f"{out_path}.{rank}",
-    )  # fmt: skip
+    image, text, scale = global_batch(world_size)
+    for name, make_loss in LOSSES.items():
+        results[name] = distributed_results(rank, world_size, make_loss, image, text, scale)
+    # bf16 features, as the towers produce under run.precision=bf16.
+    image16, text16, _ = global_batch(world_size, dtype=torch.bfloat16)
+    results["tiled_bf16"] = distributed_results(rank, world_size, LOSSES["tiled"], image16, text16, scale)
+    torch.save(results, f"{out_path}.{rank}")
     dist.destroy_process_group()
 
 
-def test_two_ranks_equal_single_process_loss_and_gradients(tmp_path):
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_distributed_losses_equal_single_process_loss_and_gradients(tmp_path, world_size):
     out = str(tmp_path / "grads")
-    run_ranks(_distributed_loss, WORLD, out)
+    run_ranks(_distributed_losses, world_size, out)
+    image, text, scale = global_batch(world_size)
+    reference = loss_and_grads(ClipLoss(), image, text, scale)
+    torch.testing.assert_close(reference["loss"], naive_clip_loss(image, text, scale), rtol=1e-12, atol=0)
+    image16, text16, _ = global_batch(world_size, dtype=torch.bfloat16)
+    # The reference for bf16 inputs: the same bf16 numbers, in float64.
+    reference16 = loss_and_grads(ClipLoss(), image16.double(), text16.double(), scale)
 
-    image, text, scale = (t.requires_grad_(True) for t in global_batch())
-    reference = ClipLoss()(image, text, scale)
-    reference.backward()
-
-    results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
-    for rank, result in enumerate(results):
+    for rank in range(world_size):
+        results = torch.load(f"{out}.{rank}", weights_only=True)
         rows = slice(rank * NUM_LOCAL, (rank + 1) * NUM_LOCAL)
-        torch.testing.assert_close(result["loss"], reference.detach(), rtol=1e-6, atol=0)
-        # Each rank's features get the gradient of the sum of all ranks' losses; the reference is
-        # their mean, so the distributed gradient is world_size times the reference slice.
-        torch.testing.assert_close(result["image_grad"] / WORLD, image.grad[rows], rtol=1e-6, atol=0)
-        torch.testing.assert_close(result["text_grad"] / WORLD, text.grad[rows], rtol=1e-6, atol=0)
-        torch.testing.assert_close(result["scale_grad"], scale.grad, rtol=1e-6, atol=0)
+        for name in LOSSES:
+            got = results[name]
+            torch.testing.assert_close(got["loss"], reference["loss"], rtol=1e-6, atol=0, msg=name)
+            # Each rank's features get the gradient of the sum of all ranks' losses; the reference is
+            # their mean, so the distributed gradient is world_size times the reference slice.
+            for key in ("image_grad", "text_grad"):
+                torch.testing.assert_close(
+                    got[key] / world_size, reference[key][rows], rtol=1e-6, atol=0, msg=f"{name} {key}"
+                )
+            torch.testing.assert_close(got["scale_grad"], reference["scale_grad"], rtol=1e-6, atol=0)
+        # bf16 in, fp32 accumulation: the loss is as exact as fp32 (1e-5 here, ~1e-2 if summed in bf16);
+        # gradients come back in bf16, so they match to bf16's rounding (2^-8 relative).
+        got = results["tiled_bf16"]
+        assert got["image_grad"].dtype == torch.bfloat16
+        torch.testing.assert_close(got["loss"].double(), reference16["loss"], rtol=1e-5, atol=0)
+        for key in ("image_grad", "text_grad"):
+            expected = reference16[key][rows] * world_size
+            torch.testing.assert_close(
+                got[key].double(), expected, rtol=2**-8, atol=2**-8 * expected.abs().max().item(), msg=key
+            )
+        torch.testing.assert_close(got["scale_grad"], reference16["scale_grad"], rtol=1e-5, atol=0)
+
     # Negatives really crossed ranks: a loss over local rows only would differ.
     local_only = [
-        ClipLoss()(
-            image[r * NUM_LOCAL : (r + 1) * NUM_LOCAL], text[r * NUM_LOCAL : (r + 1) * NUM_LOCAL], scale
-        )
-        for r in range(WORLD)
+        ClipLoss()(image[r * NUM_LOCAL : (r + 1) * NUM_LOCAL], text[r * NUM_LOCAL : (r + 1) * NUM_LOCAL], scale)
+        for r in range(world_size)
     ]
-    assert abs(sum(local_only).item() / WORLD - reference.item()) > 1e-3
+    assert abs(sum(local_only).item() / world_size - reference["loss"].item()) > 1e-3
