@@ -1,16 +1,27 @@
-"""The distributed CLIP loss: clip-pipe's against open_clip's ClipLoss (local loss, gather with grad).
+"""The distributed InfoNCE: clip-pipe's tiled loss against open_clip's ClipLoss (local loss, gather with grad).
 
-Two real gloo ranks. Each times forward + backward of both losses on the same features, alternating
-A B A B after a warm-up, and reports medians and the median of the pairwise ratios. Peak memory is
-measured in a fresh pair of processes per loss, as the rise in peak RSS over the inputs.
+Two real gloo ranks, one thread each, fp32, forward + backward, W = 2.
 
-    python -m bench.loss [--batch 1024 --dim 512 --repeats 30]
+- Memory: a fresh pair of processes per (loss, B_local); each process warms up on a small batch, then
+  reports the rise of its peak RSS (getrusage ru_maxrss) over one forward + backward at B_local. The rise
+  includes everything the loss allocates: gathered features, logits, gradients, gloo buffers.
+  Safety: no process may grow past --cap-gib. A run is skipped when the loss's measured growth law
+  predicts more (ClipLoss ~ B_local², ours ~ B_local), and RLIMIT_AS is set to the process's address space
+  plus the cap, so a wrong prediction ends in an allocation error, not a machine out of memory.
+- Time: where both fit, a pair of processes times both losses on the same features, alternating
+  A B A B after one warm-up each; medians and the median of the pairwise ratios with their range.
+  Where ClipLoss does not fit, ours is timed on its own (its memory run's single step).
+- Largest B_local each loss fits in a budget: from the growth law fitted to its measured peaks.
+- The demo's size (B_local = 128, dim 64) is timed the same way, to choose the default.
+
+    python -m bench.loss [--sizes 8192 16384 32768 --dim 512 --repeats 3 --cap-gib 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -26,14 +37,18 @@ from open_clip.loss import ClipLoss as OpenClipLoss
 
 from bench.common import machine_description
 from clip_pipe.distributed import free_port
-from clip_pipe.loss import ClipLoss
+from clip_pipe.losses import TiledClipLoss
+from clip_pipe.losses.tiled import DEFAULT_TILE_SIZE
+
+WORLD = 2
+OURS, THEIRS = "clip-pipe tiled", "open_clip ClipLoss"
+GIB = 2**30
 
 
-def make_losses(rank: int, world_size: int) -> dict:
-    return {
-        "clip-pipe": ClipLoss(rank, world_size),
-        "open_clip": OpenClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size),
-    }
+def make_loss(name: str, rank: int, tile_size: int):
+    if name == OURS:
+        return TiledClipLoss(rank, WORLD, tile_size=tile_size)
+    return OpenClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=WORLD)
 
 
 def features(batch: int, dim: int, rank: int):
@@ -44,26 +59,47 @@ def features(batch: int, dim: int, rank: int):
 
 
 def step(loss_fn, image, text, scale) -> float:
-    # open_clip's loss takes a 0-dim scale, ours the (1,) parameter DeepSpeed needs: both broadcast.
     loss = loss_fn(image, text, scale)
     loss.backward()
     image.grad = text.grad = None
     return loss.detach().item()
 
 
-def time_worker(rank: int, world_size: int, port: int, args, out: str) -> None:
+def _init(rank: int, port: int, cap_bytes: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    losses = make_losses(rank, world_size)
-    image, text, scale = features(args.batch, args.dim, rank)
-    values = {name: step(fn, image, text, scale) for name, fn in losses.items()}
-    assert abs(values["clip-pipe"] - values["open_clip"]) < 1e-4 * abs(values["open_clip"]), values
-    for _ in range(3):  # warm-up
-        for fn in losses.values():
-            step(fn, image, text, scale)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    status = Path("/proc/self/status").read_text()
+    address_space = int(status.split("VmSize:")[1].split()[0]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (address_space + cap_bytes, resource.RLIM_INFINITY))
+
+
+def memory_worker(rank: int, port: int, name: str, batch: int, dim: int, tile: int, cap: int, out: str):
+    _init(rank, port, cap)
+    loss_fn = make_loss(name, rank, tile)
+    step(loss_fn, *features(64, dim, rank))  # kernels, thread pools, gloo buffers: not the loss's growth
+    image, text, scale = features(batch, dim, rank)
+    dist.barrier()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    step(loss_fn, image, text, scale)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rises = [None] * WORLD
+    dist.all_gather_object(rises, (peak - before) * 1024)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"peak_rise_bytes": max(rises), "seconds": seconds}))
+    dist.destroy_process_group()
+
+
+def time_worker(rank: int, port: int, batch: int, dim: int, tile: int, repeats: int, cap: int, out: str):
+    _init(rank, port, cap)
+    losses = {name: make_loss(name, rank, tile) for name in (OURS, THEIRS)}
+    image, text, scale = features(batch, dim, rank)
+    values = {name: step(fn, image, text, scale) for name, fn in losses.items()}  # and the warm-up
+    assert abs(values[OURS] - values[THEIRS]) < 1e-4 * abs(values[THEIRS]), values
     times = {name: [] for name in losses}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, fn in losses.items():
             dist.barrier()
             start = time.perf_counter()
@@ -74,49 +110,106 @@ def time_worker(rank: int, world_size: int, port: int, args, out: str) -> None:
     dist.destroy_process_group()
 
 
-def memory_worker(rank: int, world_size: int, port: int, args, name: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    loss_fn = make_losses(rank, world_size)[name]
-    image, text, scale = features(args.batch, args.dim, rank)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(3):
-        step(loss_fn, image, text, scale)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if rank == 0:
-        Path(out).write_text(json.dumps({"peak_rise_mib": (peak - before) / 1024}))
-    dist.destroy_process_group()
+def spawn(fn, *args, timeout: float = 3600) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/out.json"
+        context = mp.start_processes(
+            fn, args=(free_port(), *args, out), nprocs=WORLD, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                raise RuntimeError(f"{fn.__name__}{args} still running after {timeout} s")
+        return json.loads(Path(out).read_text())
+
+
+def predicted_bytes(name: str, batch: int, peaks: dict[int, int]) -> float | None:
+    """The peak rise at `batch` by the loss's growth law, from its largest measured batch(es)."""
+    if not peaks:
+        return None
+    sizes = sorted(peaks)
+    if name == THEIRS:  # dominated by its (B, W·B) logits and softmaxes
+        return peaks[sizes[-1]] * (batch / sizes[-1]) ** 2
+    if len(sizes) == 1:
+        return peaks[sizes[0]] * batch / sizes[0]
+    (b0, b1), (p0, p1) = sizes[-2:], (peaks[sizes[-2]], peaks[sizes[-1]])
+    return p1 + (p1 - p0) / (b1 - b0) * (batch - b1)
+
+
+def largest_batch(name: str, budget: float, peaks: dict[int, int]) -> int:
+    """Largest B_local whose predicted peak rise fits in `budget` bytes."""
+    sizes = sorted(peaks)
+    if name == THEIRS:
+        return int(sizes[-1] * math.sqrt(budget / peaks[sizes[-1]]))
+    (b0, b1), (p0, p1) = sizes[-2:], (peaks[sizes[-2]], peaks[sizes[-1]])
+    slope = (p1 - p0) / (b1 - b0)
+    return int(b1 + (budget - p1) / slope)
+
+
+def summarise(times: dict) -> dict:
+    ratios = [a / b for a, b in zip(times[OURS], times[THEIRS], strict=True)]
+    return {
+        "ours_s": statistics.median(times[OURS]),
+        "theirs_s": statistics.median(times[THEIRS]),
+        "time_ratio": statistics.median(ratios),
+        "time_ratio_range": [min(ratios), max(ratios)],
+        "num_pairs": len(ratios),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--batch", type=int, default=1024, help="per rank")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768], help="B_local")
+    parser.add_argument("--calibrate", type=int, nargs="+", default=[2048, 4096], help="smaller B_local first")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--tile", type=int, default=DEFAULT_TILE_SIZE)
+    parser.add_argument("--repeats", type=int, default=3, help="timed pairs where both losses fit")
+    parser.add_argument("--demo-repeats", type=int, default=100, help="timed pairs at B_local 128, dim 64")
+    parser.add_argument("--cap-gib", type=float, default=8.0, help="most any one process may grow")
     args = parser.parse_args()
-    world_size = 2
-    with tempfile.TemporaryDirectory() as tmp:
-        out = f"{tmp}/times.json"
-        mp.spawn(time_worker, args=(world_size, free_port(), args, out), nprocs=world_size)
-        times = json.loads(Path(out).read_text())
-        memory = {}
-        for name in ("clip-pipe", "open_clip"):
-            out = f"{tmp}/{name}.json"
-            mp.spawn(memory_worker, args=(world_size, free_port(), args, name, out), nprocs=world_size)
-            memory[name] = json.loads(Path(out).read_text())["peak_rise_mib"]
-    ratios = [b / a for a, b in zip(times["clip-pipe"], times["open_clip"], strict=True)]
+    cap = int(args.cap_gib * GIB)
+
+    rows = []
+    demo = spawn(time_worker, 128, 64, args.tile, args.demo_repeats, cap)
+    rows.append({"B_local": 128, "dim": 64, **summarise(demo)})
+    print(json.dumps(rows[-1]), flush=True)
+
+    peaks = {OURS: {}, THEIRS: {}}
+    for batch in sorted(set(args.calibrate + args.sizes)):
+        row = {"B_local": batch, "dim": args.dim}
+        for name in (OURS, THEIRS):
+            need = predicted_bytes(name, batch, peaks[name])
+            if need is not None and need > 0.9 * cap:
+                row[name] = f"does not fit: needs ~{need / GIB:.1f} GiB > {args.cap_gib:g} GiB cap"
+                row["memory_ratio_to_predicted"] = peaks[OURS][batch] / need
+                continue
+            result = spawn(memory_worker, name, batch, args.dim, args.tile, cap)
+            peaks[name][batch] = result["peak_rise_bytes"]
+            row[name] = {"peak_rise_mib": result["peak_rise_bytes"] / 2**20, "one_step_s": result["seconds"]}
+        if batch in args.sizes and batch in peaks[THEIRS]:
+            row.update(summarise(spawn(time_worker, batch, args.dim, args.tile, args.repeats, cap)))
+        if batch in peaks[THEIRS]:
+            row["memory_ratio"] = peaks[OURS][batch] / peaks[THEIRS][batch]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    budgets = {f"{args.cap_gib:g} GiB cap": cap}
+    largest_theirs = max(peaks[THEIRS])
+    budgets[f"ClipLoss's peak at B_local {largest_theirs}"] = peaks[THEIRS][largest_theirs]
+    fits = {
+        label: {name: largest_batch(name, budget, peaks[name]) for name in (OURS, THEIRS)}
+        for label, budget in budgets.items()
+    }
     print(
         json.dumps(
             {
                 "machine": machine_description(),
-                "setting": f"2 gloo ranks x {args.batch} pairs, dim {args.dim}, fp32, forward+backward",
-                "median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
-                "speedup_median (open_clip time / ours)": statistics.median(ratios),
-                "speedup_range": [min(ratios), max(ratios)],
-                "peak_rss_rise_mib": memory,
+                "date": time.strftime("%Y-%m-%d"),
+                "setting": f"{WORLD} gloo ranks, 1 thread each, fp32, forward+backward, tile {args.tile}",
+                "rows": rows,
+                "largest_B_local_in_budget (extrapolated from the measured peaks)": fits,
             },
             indent=2,
         )
