@@ -2,8 +2,9 @@
 
 Two real gloo ranks, one thread each, fp32, forward + backward, W = 2.
 
-- Memory: a fresh pair of processes per (loss, B_local); each process warms up on a small batch, then
-  reports the rise of its peak RSS (getrusage ru_maxrss) over one forward + backward at B_local. The rise
+- Memory: a fresh pair of processes per (loss, B_local); each process warms up on a small batch, resets
+  its peak RSS (writing 5 to /proc/self/clear_refs), and reports how far the peak (VmHWM) rises above
+  the RSS before one forward + backward at B_local (the larger of the two ranks). The rise
   includes everything the loss allocates: gathered features, logits, gradients, gloo buffers.
   Safety: no process may grow past --cap-gib. A run is skipped when the loss's measured growth law
   predicts more (ClipLoss ~ B_local², ours ~ B_local), and RLIMIT_AS is set to the process's address space
@@ -65,13 +66,15 @@ def step(loss_fn, image, text, scale) -> float:
     return loss.detach().item()
 
 
+def _status_bytes(field: str) -> int:
+    return int(Path("/proc/self/status").read_text().split(f"{field}:")[1].split()[0]) * 1024
+
+
 def _init(rank: int, port: int, cap_bytes: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    status = Path("/proc/self/status").read_text()
-    address_space = int(status.split("VmSize:")[1].split()[0]) * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (address_space + cap_bytes, resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_AS, (_status_bytes("VmSize") + cap_bytes, resource.RLIM_INFINITY))
 
 
 def memory_worker(rank: int, port: int, name: str, batch: int, dim: int, tile: int, cap: int, out: str):
@@ -80,13 +83,13 @@ def memory_worker(rank: int, port: int, name: str, batch: int, dim: int, tile: i
     step(loss_fn, *features(64, dim, rank))  # kernels, thread pools, gloo buffers: not the loss's growth
     image, text, scale = features(batch, dim, rank)
     dist.barrier()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    before = _status_bytes("VmRSS")
     start = time.perf_counter()
     step(loss_fn, image, text, scale)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rises = [None] * WORLD
-    dist.all_gather_object(rises, (peak - before) * 1024)
+    dist.all_gather_object(rises, _status_bytes("VmHWM") - before)
     if rank == 0:
         Path(out).write_text(json.dumps({"peak_rise_bytes": max(rises), "seconds": seconds}))
     dist.destroy_process_group()
@@ -162,7 +165,7 @@ def summarise(times: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768], help="B_local")
-    parser.add_argument("--calibrate", type=int, nargs="+", default=[2048, 4096], help="smaller B_local first")
+    parser.add_argument("--calibrate", type=int, nargs="+", default=[4096], help="smaller B_local first")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--tile", type=int, default=DEFAULT_TILE_SIZE)
     parser.add_argument("--repeats", type=int, default=3, help="timed pairs where both losses fit")

@@ -92,7 +92,7 @@ class LossConfig:
     """`infonce`: CLIP's symmetric softmax cross-entropy over the global batch. `siglip`: SigLIP's pairwise
     sigmoid loss; the model then gets a learnable logit bias (initialised to -10, the scale to 10, as in
     the paper). Both take their negatives from every rank."""
-    tile_size: int = 2048
+    tile_size: int = 1024
     """The loss computes its logits in blocks of tile_size x tile_size, so its memory grows with
     batch_size x tile_size rather than batch_size x global batch. Larger blocks use the hardware better."""
 

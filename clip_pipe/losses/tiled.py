@@ -30,7 +30,7 @@ from torch import nn
 from clip_pipe.losses.clip import MAX_LOGIT_SCALE
 from clip_pipe.losses.gather import all_gather_with_grad, all_reduce_logsumexp
 
-DEFAULT_TILE_SIZE = 2048
+DEFAULT_TILE_SIZE = 1024
 
 
 def tiles(num_rows: int, num_cols: int, tile_size: int) -> Iterator[tuple[slice, slice]]:
