@@ -163,7 +163,9 @@ def summarise(times: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768], help="B_local")
     parser.add_argument("--calibrate", type=int, nargs="+", default=[4096], help="smaller B_local first")
     parser.add_argument("--dim", type=int, default=512)

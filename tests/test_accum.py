@@ -35,7 +35,10 @@ def _train_ranks(rank: int, world_size: int, out: str) -> None:
     for stage in STAGES:
         # The configured loss (tiled InfoNCE), in blocks of 3 that split the 4 local rows unevenly.
         cfg = make_cfg(
-            stage, partition_everything(Path(out).parent), f"optim.accum_steps={ACCUM_STEPS}", "loss.tile_size=3"
+            stage,
+            partition_everything(Path(out).parent),
+            f"optim.accum_steps={ACCUM_STEPS}",
+            "loss.tile_size=3",
         )
         torch.manual_seed(0)
         encoder = build_model(cfg.model)

@@ -49,7 +49,9 @@ def test_sigmoid_loss_needs_a_bias_and_clamps_the_scale():
     loss = SigLipLoss()(image.float(), text.float(), big, BIAS.float())
     loss.backward()
     assert big.grad.item() == 0.0
-    torch.testing.assert_close(loss, SigLipLoss()(image.float(), text.float(), torch.tensor([100.0]), BIAS.float()))
+    torch.testing.assert_close(
+        loss, SigLipLoss()(image.float(), text.float(), torch.tensor([100.0]), BIAS.float())
+    )
 
 
 def _distributed_sigmoid(rank: int, world_size: int, out_path: str) -> None:
@@ -73,11 +75,15 @@ def test_distributed_sigmoid_loss_equals_single_process(tmp_path, world_size):
         rows = slice(rank * NUM_LOCAL, (rank + 1) * NUM_LOCAL)
         torch.testing.assert_close(got["loss"], reference["loss"], rtol=1e-6, atol=0)
         for key in ("image_grad", "text_grad"):  # world_size × the mean loss's, as in test_loss.py
-            torch.testing.assert_close(got[key] / world_size, reference[key][rows], rtol=1e-6, atol=0, msg=key)
+            torch.testing.assert_close(
+                got[key] / world_size, reference[key][rows], rtol=1e-6, atol=0, msg=key
+            )
         for key in ("scale_grad", "bias_grad"):
             torch.testing.assert_close(got[key], reference[key], rtol=1e-6, atol=0, msg=key)
     local_only = [
-        naive_sigmoid_loss(image[r * NUM_LOCAL : (r + 1) * NUM_LOCAL], text[r * NUM_LOCAL : (r + 1) * NUM_LOCAL], scale, BIAS)
+        naive_sigmoid_loss(
+            image[r * NUM_LOCAL : (r + 1) * NUM_LOCAL], text[r * NUM_LOCAL : (r + 1) * NUM_LOCAL], scale, BIAS
+        )
         for r in range(world_size)
     ]
     assert abs(sum(local_only).item() / world_size - reference["loss"].item()) > 1e-3
@@ -139,7 +145,9 @@ ENGINE_RUNS = ((0, 1), (1, 1), (2, 2), (3, 2))  # (ZeRO stage, accum_steps)
 def _engine_cfg(stage: int, accum_steps: int, ds_json: str | None = None):
     from tests.test_engine import make_cfg
 
-    return make_cfg(stage, ds_json, "loss.kind=siglip", "loss.tile_size=3", f"optim.accum_steps={accum_steps}")
+    return make_cfg(
+        stage, ds_json, "loss.kind=siglip", "loss.tile_size=3", f"optim.accum_steps={accum_steps}"
+    )
 
 
 def _train_ranks(rank: int, world_size: int, out: str) -> None:
@@ -176,7 +184,9 @@ def reference_params() -> tuple[dict, dict]:
     encoder = build_model(cfg.model, cfg.loss)
     model, o = encoder.model, cfg.optim
     initial = export_state_dict(model)
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+    )
     for step in range(NUM_STEPS):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, o, NUM_STEPS)
@@ -200,5 +210,9 @@ def test_two_rank_engine_with_sigmoid_loss_matches_single_process(tmp_path):
         assert params.keys() == reference.keys()
         for key in reference:
             torch.testing.assert_close(
-                params[key], reference[key], rtol=1e-5, atol=1e-6, msg=f"ZeRO-{stage} accum {accum_steps} {key}"
+                params[key],
+                reference[key],
+                rtol=1e-5,
+                atol=1e-6,
+                msg=f"ZeRO-{stage} accum {accum_steps} {key}",
             )

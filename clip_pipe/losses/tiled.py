@@ -87,7 +87,9 @@ class _TiledInfoNCE(torch.autograd.Function):
         grad_image.mul_(scale * grad_loss)
         grad_text.mul_(scale * grad_loss)
         # A bias shared by all logits cancels in every softmax: its gradient is exactly zero.
-        grad_bias = None if ctx.bias_meta is None else image.new_zeros(ctx.bias_meta[0], dtype=ctx.bias_meta[1])
+        grad_bias = (
+            None if ctx.bias_meta is None else image.new_zeros(ctx.bias_meta[0], dtype=ctx.bias_meta[1])
+        )
         return grad_image, grad_text, grad_scale, grad_bias, None, None, None
 
 
