@@ -19,9 +19,12 @@ import io
 import itertools
 import json
 import logging
+import queue
 import random
 import signal
-from collections.abc import Callable, Iterator
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,16 +294,68 @@ class CachedTokenizer:
         return torch.stack([new[c] if c in new else self.cache[c] for c in captions])
 
 
-def batch_loader(stream: ImageTextStream, num_workers: int) -> DataLoader:
-    """Run `stream` in `num_workers` processes (0: in this one); each worker is its own loader slot."""
+def batch_loader(stream: ImageTextStream, num_workers: int) -> Iterable[dict]:
+    """Run `stream` in `num_workers` processes, or with 0 in a thread of this one; each worker is its
+    own loader slot."""
+    if num_workers == 0:
+        # Where worker processes would oversubscribe the cores (one rank per core), a thread still
+        # overlaps loading with the step: decoding, cropping and the step's kernels release the GIL.
+        return Prefetcher(stream, depth=2)
     return DataLoader(
         stream,
         batch_size=None,  # the stream batches itself
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=True,
+        prefetch_factor=4,
         worker_init_fn=_default_signals,
     )
+
+
+class Prefetcher:
+    """Iterates `items` in a background thread, up to `depth` items ahead; an error is raised here."""
+
+    _END = object()
+
+    def __init__(self, items: Iterable, depth: int):
+        self._queue: queue.Queue = queue.Queue(depth)
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._fill, args=(items, self._queue, stop), name="clip-pipe-prefetch", daemon=True
+        )
+        thread.start()
+        # The thread holds no reference to self, so an abandoned Prefetcher is collected and its
+        # thread, blocked on a full queue, is told to stop.
+        weakref.finalize(self, stop.set)
+
+    @classmethod
+    def _fill(cls, items: Iterable, out: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(cls._END)
+        except BaseException as exn:  # handed to the consumer, which raises it
+            put(exn)
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> dict:
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 def _default_signals(worker_id: int) -> None:

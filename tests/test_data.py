@@ -17,6 +17,7 @@ from clip_pipe.data import (
     CachedTokenizer,
     ImageTextStream,
     LoaderPosition,
+    Prefetcher,
     SampleErrors,
     assign_shards,
     batch_loader,
@@ -205,3 +206,15 @@ def test_cached_tokenizer_gives_the_tokenizers_ids():
     torch.testing.assert_close(cached(more), TOKENIZER(more), rtol=0, atol=0)  # full: not cached
     torch.testing.assert_close(cached(more), TOKENIZER(more), rtol=0, atol=0)
     assert calls[1:] == [["a green square"], ["a green square"]] and len(cached.cache) == 2
+
+
+def test_prefetcher_yields_in_order_then_raises_the_streams_error():
+    def items():
+        yield from range(5)
+        raise ValueError("unreadable shard")
+
+    prefetched = Prefetcher(items(), depth=2)
+    assert [next(prefetched) for _ in range(5)] == list(range(5))
+    with pytest.raises(ValueError, match="unreadable shard"):
+        next(prefetched)
+    assert list(Prefetcher(iter(range(3)), depth=1)) == [0, 1, 2]
