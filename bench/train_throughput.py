@@ -11,8 +11,8 @@ theirs, ours, theirs ...). Each tool trains twice per round, to a short and a lo
   code for both tools) on `--eval-set`; round r trains with seed r, so the rounds are the seeds.
 
 Precision: `fp32`, or `bf16` (open_clip_train `--precision amp_bf16`, ours `run.precision=bf16`).
-`--baseline DIR` adds a third contender, another clip-pipe checkout (e.g. the previous commit), so that
-a change is measured against what it replaces in the same interleaved run.
+`--baseline NAME=DIR` (repeatable) adds another clip-pipe checkout (e.g. the commit before a change),
+so that each change is measured against what it replaces in the same interleaved run.
 
     python -m bench.train_throughput --shards data/fashion_mnist/train [--precision fp32 bf16] [--rounds 3]
 
@@ -148,17 +148,21 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3, help="also the seeds: round r trains with seed r")
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    parser.add_argument("--baseline", type=Path, help="another clip-pipe checkout to time as well")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another clip-pipe checkout to time too",
+    )
     parser.add_argument("--no-open-clip", action="store_true", help="time clip-pipe (and --baseline) only")
+    parser.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluations")
     args = parser.parse_args()
     env = {**os.environ, "CLIP_PIPE_SKIP_SHM_BUILD": "1", "OMP_NUM_THREADS": "1"}
     global_batch = 2 * args.batch
-    names = (
-        ["clip-pipe"]
-        + (["baseline"] if args.baseline else [])
-        + ([] if args.no_open_clip else ["open_clip_train"])
-    )
-    reference = "baseline" if args.no_open_clip else "open_clip_train"
+    checkouts = {"clip-pipe": REPO, **{b.split("=", 1)[0]: Path(b.split("=", 1)[1]) for b in args.baseline}}
+    names = [*checkouts] + ([] if args.no_open_clip else ["open_clip_train"])
+    reference = names[-1]  # open_clip_train, or without it the last baseline
 
     tables = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,10 +182,10 @@ def main() -> None:
                             )
                         else:
                             cmd = ours(args.shards, out, steps, args.batch, precision, seed)
-                            src = args.baseline if name == "baseline" else REPO
+                            src = checkouts[name]
                         walls[steps] = timed(cmd, env, out, src)
                     steady = global_batch * (args.long - args.short) / (walls[args.long] - walls[args.short])
-                    top1 = zeroshot_top1(name, out, args.eval_set) if args.eval_set else None
+                    top1 = None if args.no_eval else zeroshot_top1(name, out, args.eval_set)
                     results[name].append({"wall": walls[args.long], "steady": steady, "top1": top1})
                     print(
                         f"{precision} seed {seed} {name}: {walls[args.long]:.1f} s to {args.long} steps, "
