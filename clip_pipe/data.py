@@ -324,8 +324,16 @@ class Prefetcher:
         )
         thread.start()
         # The thread holds no reference to self, so an abandoned Prefetcher is collected and its
-        # thread, blocked on a full queue, is told to stop.
-        weakref.finalize(self, stop.set)
+        # thread, blocked on a full queue, is told to stop. At exit (finalizers run then too) the
+        # thread is also waited for: one still inside a torch kernel while the interpreter tears
+        # down aborts the process ("terminate called without an active exception").
+        weakref.finalize(self, self._stop, stop, thread)
+
+    @staticmethod
+    def _stop(stop: threading.Event, thread: threading.Thread) -> None:
+        stop.set()
+        if thread is not threading.current_thread():
+            thread.join(timeout=30)
 
     @classmethod
     def _fill(cls, items: Iterable, out: queue.Queue, stop: threading.Event) -> None:
