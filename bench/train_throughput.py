@@ -1,14 +1,20 @@
 """Training throughput: clip-pipe's trainer against open_clip's own (open_clip_train), side by side.
 
 Same shards, model, batch per rank, ranks, precision, optimizer, lr schedule, clipping and launcher
-(torchrun, one thread per rank). Runs alternate (ours, theirs, ours, theirs ...). Each tool trains
-twice per round, to a short and a long step count, so that:
+(torchrun, one thread per rank, each tool's loader in the trainer's process). Runs alternate (ours,
+theirs, ours, theirs ...). Each tool trains twice per round, to a short and a long step count, so that:
 
 - wall time to N steps = the long run's whole-process time (start-up, data, training, final save);
 - steady-state samples/s = global batch × (long − short steps) / (long − short wall time), which cancels
-  start-up on both sides in the same way.
+  start-up on both sides in the same way;
+- accuracy at equal steps: each long run's final weights are evaluated zero-shot (untimed, by the same
+  code for both tools) on `--eval-set`; round r trains with seed r, so the rounds are the seeds.
 
-    python -m bench.train_throughput --shards data/fashion_mnist/train [--rounds 2]
+Precision: `fp32`, or `bf16` (open_clip_train `--precision amp_bf16`, ours `run.precision=bf16`).
+`--baseline NAME=DIR` (repeatable) adds another clip-pipe checkout (e.g. the commit before a change),
+so that each change is measured against what it replaces in the same interleaved run.
+
+    python -m bench.train_throughput --shards data/fashion_mnist/train [--precision fp32 bf16] [--rounds 3]
 
 Needs the demo's shards (`python data_prep/fashion_mnist.py --out data/fashion_mnist`).
 """
@@ -54,35 +60,81 @@ main([*sys.argv[1:], "--logs", os.environ["BENCH_OPEN_CLIP_LOGS"]])
 """
 
 
-def ours(shards: Path, out: Path, steps: int, batch: int) -> list[str]:
+def ours(shards: Path, out: Path, steps: int, batch: int, precision: str, seed: int) -> list[str]:
     return [
-        "launch/train.py", "--config", "configs/fashion_mnist.yaml", f"data.train={shards}", "eval.sets=[]",
-        f"data.batch_size={batch}", f"run.steps={steps}", f"run.out_dir={out}", f"run.checkpoint_every={steps}",
-        "run.zero_stage=0", "run.precision=fp32", "data.num_workers=0",
+        "launch/train.py", "--config", "configs/fashion_mnist.yaml", f"data.train={shards}",
+        "eval.sets=[]", f"data.batch_size={batch}", f"run.steps={steps}", f"run.out_dir={out}",
+        f"run.checkpoint_every={steps}", "run.zero_stage=0", f"run.precision={precision}", "data.num_workers=0",
+        "optim.lr=2e-3", "optim.warmup_steps=100", "optim.weight_decay=0.1", "optim.grad_clip=1.0",
+        "data.shuffle_buffer=2000", f"run.seed={seed}", f"data.seed={seed}",
     ]  # fmt: skip
 
 
-def theirs(shards: Path, out: Path, steps: int, batch: int, wrapper: Path) -> list[str]:
+def theirs(
+    shards: Path, out: Path, steps: int, batch: int, precision: str, seed: int, wrapper: Path
+) -> list[str]:
     urls = "::".join(str(p) for p in sorted(shards.glob("*.tar")))
     return [
         str(wrapper), str(REPO / "clip_pipe" / "model_configs"), "--train-data", urls, "--dataset-type", "webdataset",
         "--dataset-resampled", f"--train-num-samples={steps * batch * 2}", "--epochs=1", f"--batch-size={batch}",
         "--workers=0", f"--model={MODEL}", "--lr=2e-3", "--wd=0.1", "--warmup=100", "--beta2=0.98", "--eps=1e-6",
-        "--grad-clip-norm=1.0", "--precision=fp32", "--local-loss", "--gather-with-grad", "--log-every-n-steps=50",
-        "--name=bench", "--report-to=", "--zeroshot-frequency=0", "--val-frequency=0",
+        "--grad-clip-norm=1.0", f"--precision={'amp_bf16' if precision == 'bf16' else 'fp32'}", "--local-loss",
+        "--gather-with-grad", "--log-every-n-steps=50", "--name=bench", "--report-to=", "--zeroshot-frequency=0",
+        "--val-frequency=0", f"--seed={seed}",
     ]  # fmt: skip
 
 
-def timed(args: list[str], env: dict, out: Path) -> float:
+def zeroshot_top1(name: str, out: Path, eval_set: Path) -> float:
+    """Zero-shot top-1 of a finished long run's final weights, by clip-pipe's evaluator for both tools."""
+    import torch
+
+    from clip_pipe.config import ModelConfig
+    from clip_pipe.model import build_model, load_export
+    from clip_pipe.zeroshot import evaluate, read_eval_set
+
+    if name == "open_clip_train":
+        state = torch.load(out / "bench/checkpoints/epoch_1.pt", map_location="cpu", weights_only=True)
+        encoder = build_model(ModelConfig(name=MODEL))
+        state = {k.removeprefix("module."): v for k, v in state["state_dict"].items()}
+        state["logit_scale"] = state["logit_scale"].reshape(encoder.model.logit_scale.shape)
+        encoder.model.load_state_dict(state)
+    else:
+        encoder = load_export(out / "model.pt")
+    result = evaluate(encoder.model, encoder.preprocess_val, encoder.tokenizer, read_eval_set(eval_set), 512)
+    return result["top1"]
+
+
+def timed(args: list[str], env: dict, out: Path, src: Path = REPO) -> float:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *args]
     start = time.perf_counter()
-    proc = subprocess.run(
-        cmd, cwd=REPO, env={**env, "BENCH_OPEN_CLIP_LOGS": str(out)}, capture_output=True, text=True
-    )
+    env = {**env, "BENCH_OPEN_CLIP_LOGS": str(out), "PYTHONPATH": str(src)}
+    proc = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return elapsed
+
+
+def summary(results: dict[str, list[dict]], reference: str, long: int) -> dict:
+    out = {}
+    for name, runs in results.items():
+        out[name] = {
+            "steady_samples_per_s": statistics.median(r["steady"] for r in runs),
+            f"wall_s_to_{long}_steps": statistics.median(r["wall"] for r in runs),
+            "zeroshot_top1_per_seed": [r["top1"] for r in runs],
+        }
+        if name != reference:
+            steady = [a["steady"] / b["steady"] for a, b in zip(runs, results[reference], strict=True)]
+            wall = [b["wall"] / a["wall"] for a, b in zip(runs, results[reference], strict=True)]
+            out[name][f"steady_ratio_vs_{reference}"] = {
+                "median": statistics.median(steady),
+                "range": [min(steady), max(steady)],
+            }
+            out[name][f"wall_speedup_vs_{reference}"] = {
+                "median": statistics.median(wall),
+                "range": [min(wall), max(wall)],
+            }
+    return out
 
 
 def main() -> None:
@@ -90,53 +142,62 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shards", type=Path, default=REPO / "data/fashion_mnist/train")
+    parser.add_argument("--eval-set", type=Path, default=REPO / "data/fashion_mnist/eval")
     parser.add_argument("--batch", type=int, default=128, help="per rank")
-    parser.add_argument("--short", type=int, default=60)
-    parser.add_argument("--long", type=int, default=360)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--short", type=int, default=50)
+    parser.add_argument("--long", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3, help="also the seeds: round r trains with seed r")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another clip-pipe checkout to time too",
+    )
+    parser.add_argument("--no-open-clip", action="store_true", help="time clip-pipe (and --baseline) only")
+    parser.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluations")
     args = parser.parse_args()
     env = {**os.environ, "CLIP_PIPE_SKIP_SHM_BUILD": "1", "OMP_NUM_THREADS": "1"}
     global_batch = 2 * args.batch
+    checkouts = {"clip-pipe": REPO, **{b.split("=", 1)[0]: Path(b.split("=", 1)[1]) for b in args.baseline}}
+    names = [*checkouts] + ([] if args.no_open_clip else ["open_clip_train"])
+    reference = names[-1]  # open_clip_train, or without it the last baseline
 
-    results: dict[str, list[dict]] = {"clip-pipe": [], "open_clip_train": []}
+    tables = {}
     with tempfile.TemporaryDirectory() as tmp:
         wrapper = Path(tmp) / "open_clip_train_wrapper.py"
         wrapper.write_text(OPEN_CLIP_WRAPPER)
-        for round_index in range(args.rounds):
-            for name in results:  # interleaved: A B A B
-                walls = {}
-                for steps in (args.short, args.long):
-                    out = Path(tmp) / f"{name}-{round_index}-{steps}"
-                    cmd = (
-                        ours(args.shards, out, steps, args.batch)
-                        if name == "clip-pipe"
-                        else theirs(args.shards, out, steps, args.batch, wrapper)
-                    )
-                    walls[steps] = timed(cmd, env, out)
-                steady = global_batch * (args.long - args.short) / (walls[args.long] - walls[args.short])
-                results[name].append({"wall": walls[args.long], "steady": steady})
-                print(
-                    f"round {round_index} {name}: {walls[args.long]:.1f} s to {args.long} steps, {steady:.0f} samples/s"
-                )
+        for precision in args.precision:
+            results: dict[str, list[dict]] = {name: [] for name in names}
+            for seed in range(args.rounds):
+                for name in names:  # interleaved: A B A B
+                    walls = {}
+                    for steps in (args.short, args.long):
+                        out = Path(tmp) / f"{precision}-{name}-{seed}-{steps}"
+                        if name == "open_clip_train":
+                            cmd, src = (
+                                theirs(args.shards, out, steps, args.batch, precision, seed, wrapper),
+                                REPO,
+                            )
+                        else:
+                            cmd = ours(args.shards, out, steps, args.batch, precision, seed)
+                            src = checkouts[name]
+                        walls[steps] = timed(cmd, env, out, src)
+                    steady = global_batch * (args.long - args.short) / (walls[args.long] - walls[args.short])
+                    top1 = None if args.no_eval else zeroshot_top1(name, out, args.eval_set)
+                    results[name].append({"wall": walls[args.long], "steady": steady, "top1": top1})
+                    print(
+                        f"{precision} seed {seed} {name}: {walls[args.long]:.1f} s to {args.long} steps, "
+                        f"{steady:.0f} samples/s, zero-shot top-1 {top1}", flush=True,
+                    )  # fmt: skip
+            tables[precision] = summary(results, reference, args.long)
 
-    ours_r, theirs_r = results["clip-pipe"], results["open_clip_train"]
-    steady_ratios = [a["steady"] / b["steady"] for a, b in zip(ours_r, theirs_r, strict=True)]
-    wall_ratios = [b["wall"] / a["wall"] for a, b in zip(ours_r, theirs_r, strict=True)]
     table = {
         "machine": machine_description(),
-        "setting": f"{MODEL}, 2 ranks x {args.batch}, fp32, torchrun, 1 thread/rank, loader in-process",
-        "steady_samples_per_s": {
-            "clip-pipe": statistics.median(r["steady"] for r in ours_r),
-            "open_clip_train": statistics.median(r["steady"] for r in theirs_r),
-            "ratio_median": statistics.median(steady_ratios),
-            "ratio_range": [min(steady_ratios), max(steady_ratios)],
-        },
-        f"wall_s_to_{args.long}_steps": {
-            "clip-pipe": statistics.median(r["wall"] for r in ours_r),
-            "open_clip_train": statistics.median(r["wall"] for r in theirs_r),
-            "speedup_median": statistics.median(wall_ratios),
-            "speedup_range": [min(wall_ratios), max(wall_ratios)],
-        },
+        "setting": f"{MODEL}, 2 ranks x {args.batch}, torchrun, 1 thread/rank, loader in the trainer's process, "
+        f"{args.rounds} seeds, top-1 on {args.eval_set} after {args.long} steps",
+        **tables,
     }
     print(json.dumps(table, indent=2))
 

@@ -21,6 +21,7 @@ from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
 
+from clip_pipe.augment import TrainAugment
 from clip_pipe.config import LossConfig, ModelConfig
 from clip_pipe.losses.siglip import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
 
@@ -37,7 +38,7 @@ class DualEncoder:
 
     model: nn.Module
     model_cfg: dict[str, Any]
-    preprocess_train: Any
+    preprocess_train: TrainAugment  # uint8 crop per sample, normalised per batch (clip_pipe.augment)
     preprocess_val: Any
     tokenizer: Any
 
@@ -103,7 +104,7 @@ def create(model_cfg: dict[str, Any], hf_pretrained: bool = False) -> DualEncode
     return DualEncoder(
         model=model,
         model_cfg=model_cfg,
-        preprocess_train=image_transform_v2(pp, is_train=True),
+        preprocess_train=TrainAugment.from_preprocess_cfg(pp),
         preprocess_val=image_transform_v2(pp, is_train=False),
         tokenizer=build_tokenizer(model_cfg),
     )

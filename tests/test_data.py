@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 from pathlib import Path
 
 import pytest
 import torch
 import webdataset as wds
 from open_clip.tokenizer import SimpleTokenizer
-from torchvision import transforms
 
+from clip_pipe.augment import TrainAugment
 from clip_pipe.data import (
+    CachedTokenizer,
     ImageTextStream,
     LoaderPosition,
+    Prefetcher,
     SampleErrors,
     assign_shards,
     batch_loader,
@@ -23,7 +26,7 @@ from clip_pipe.data import (
 )
 from tests.conftest import write_train_shards
 
-PREPROCESS = transforms.Compose([transforms.Resize(16), transforms.ToTensor()])
+PREPROCESS = TrainAugment(16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 TOKENIZER = SimpleTokenizer(context_length=16)
 
 
@@ -117,16 +120,18 @@ def test_empty_shards_are_left_out(tmp_path):
         list_shards([str(tmp_path / "empty")])
 
 
-def add_noise(image: torch.Tensor) -> torch.Tensor:
+class NoisyAugment(TrainAugment):
     """Random augmentation that shows (the test squares are solid colours, which crops would not change)."""
-    return image + torch.rand_like(image)
+
+    def crop(self, image: torch.Tensor, rng) -> torch.Tensor:
+        return super().crop(image, rng) // 2 + rng.randrange(100)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_resumed_stream_continues_exactly_where_it_stopped(color_shards, num_workers):
     """Replay from a saved position gives the tail of the uninterrupted stream: same samples, same crops."""
     shards = list_shards([str(color_shards)])  # uneven: 50 + 37 + 13 samples
-    augment = transforms.Compose([transforms.Resize(16), transforms.ToTensor(), add_noise])
+    augment = NoisyAugment(16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
     def batches(start=None, num_batches=18):
         stream = ImageTextStream(shards, 6, augment, TOKENIZER, 1, 2, seed=3, shuffle_buffer=12, start=start)
@@ -150,3 +155,66 @@ def test_a_resumed_stream_continues_exactly_where_it_stopped(color_shards, num_w
     # Within an epoch no sample repeats: the stream neither repeats nor skips.
     first_epoch = [k for b in full if b["position"][0] == 0 for k in b["keys"]]
     assert len(first_epoch) == len(set(first_epoch))
+
+
+def test_augment_crops_like_torchvision_and_normalises_once_per_batch():
+    """The uint8 crop draws boxes from torchvision's distribution and resizes them as open_clip's PIL
+    transform does; `collate` is ToTensor + Normalize."""
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+    from torchvision.transforms import functional as TF
+
+    augment = TrainAugment(20, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28))
+    image = torch.randint(0, 256, (3, 31, 23), dtype=torch.uint8)
+    boxes = [augment.crop_box(31, 23, random.Random(seed)) for seed in range(2000)]
+    for top, left, h, w in boxes:
+        assert 0 <= top <= 31 - h and 0 <= left <= 23 - w
+    torch.manual_seed(0)
+    reference = RandomResizedCrop(20, scale=(0.9, 1.0), interpolation=InterpolationMode.BICUBIC)
+    ref_boxes = [reference.get_params(image, reference.scale, reference.ratio) for _ in range(2000)]
+    assert {(h, w) for _, _, h, w in boxes} == {(h, w) for _, _, h, w in ref_boxes}  # same crop sizes
+    mean_area = sum(h * w for _, _, h, w in boxes) / len(boxes) / (31 * 23)
+    ref_mean_area = sum(h * w for _, _, h, w in ref_boxes) / len(ref_boxes) / (31 * 23)
+    assert abs(mean_area - ref_mean_area) < 0.005
+
+    # Against open_clip's path (torchvision on a PIL image): both are antialiased bicubic with PIL's
+    # kernel, rounding differently; on white noise, the worst case, pixels differ by 1/3 level on average.
+    crop = augment.crop(image, random.Random(7))
+    top, left, h, w = augment.crop_box(31, 23, random.Random(7))
+    pil = TF.to_pil_image(image)
+    expected = TF.pil_to_tensor(TF.resized_crop(pil, top, left, h, w, [20, 20], InterpolationMode.BICUBIC))
+    assert crop.dtype == torch.uint8 and crop.shape == (3, 20, 20)
+    assert (crop.float() - expected.float()).abs().mean() < 1.0
+    batch = augment.collate([crop, crop])
+    normalised = TF.normalize(
+        TF.to_tensor(crop.permute(1, 2, 0).numpy()), (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    )
+    torch.testing.assert_close(batch, torch.stack([normalised, normalised]), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_tokenizer_gives_the_tokenizers_ids():
+    calls = []
+
+    def tokenizer(captions):
+        calls.append(list(captions))
+        return TOKENIZER(captions)
+
+    cached = CachedTokenizer(tokenizer, max_size=2)
+    captions = ["a red square", "a blue square", "a red square"]
+    torch.testing.assert_close(cached(captions), TOKENIZER(captions), rtol=0, atol=0)
+    assert calls == [["a red square", "a blue square"]]  # each distinct caption once
+    more = ["a green square", "a blue square"]
+    torch.testing.assert_close(cached(more), TOKENIZER(more), rtol=0, atol=0)  # full: not cached
+    torch.testing.assert_close(cached(more), TOKENIZER(more), rtol=0, atol=0)
+    assert calls[1:] == [["a green square"], ["a green square"]] and len(cached.cache) == 2
+
+
+def test_prefetcher_yields_in_order_then_raises_the_streams_error():
+    def items():
+        yield from range(5)
+        raise ValueError("unreadable shard")
+
+    prefetched = Prefetcher(items(), depth=2)
+    assert [next(prefetched) for _ in range(5)] == list(range(5))
+    with pytest.raises(ValueError, match="unreadable shard"):
+        next(prefetched)
+    assert list(Prefetcher(iter(range(3)), depth=1)) == [0, 1, 2]

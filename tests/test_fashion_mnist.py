@@ -19,6 +19,7 @@ from clip_pipe.prep.fashion_mnist import (
     build_fashion_mnist,
     load_split,
     train_caption,
+    val_indices,
 )
 from clip_pipe.prep.idx import read_idx
 from clip_pipe.zeroshot import read_eval_set
@@ -67,42 +68,65 @@ def built_files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in files}
 
 
+def test_validation_slice_is_a_fixed_seeded_choice():
+    rows = val_indices(60_000, 5000)
+    assert len(rows) == len(set(rows.tolist())) == 5000 and (rows[1:] > rows[:-1]).all()
+    assert rows.min() >= 0 and rows.max() < 60_000 and rows.max() > 50_000
+    assert (val_indices(60_000, 5000) == rows).all()  # the same on every call, machine and run
+    with pytest.raises(ValueError, match="num_val"):
+        val_indices(100, 100)
+
+
 @needs_data
 def test_build_small_slice(tmp_path):
-    slice_args = dict(image_size=32, shard_size=64, seed=0, num_train=150, num_test=70)
+    slice_args = dict(image_size=32, shard_size=64, seed=0, num_train=150, num_val=20, num_test=70)
     out = tmp_path / "fm"
-    train, evaluation = build_fashion_mnist(out, num_workers=2, **slice_args)
+    summaries = build_fashion_mnist(out, num_workers=2, **slice_args)
     build_fashion_mnist(tmp_path / "one_worker", num_workers=1, **slice_args)
-    assert built_files(out) == built_files(tmp_path / "one_worker")
-    assert (train.num_rows, train.num_written, len(train.shards)) == (150, 150, 3)
+    assert built_files(out) == built_files(tmp_path / "one_worker")  # byte-reproducible
+    train, evaluation = summaries["train"], summaries["eval"]
+    assert (train.num_rows, train.num_written, len(train.shards)) == (130, 130, 3)
     assert (evaluation.num_rows, evaluation.num_written, len(evaluation.shards)) == (70, 70, 2)
+    assert summaries["val"].num_written == summaries["val_pairs"].num_written == 20
     _, train_labels = load_split(DEFAULT_ROOT, "train")
     _, test_labels = load_split(DEFAULT_ROOT, "test")
+    val_rows = val_indices(150, 20).tolist()
+    train_rows = [row for row in range(150) if row not in val_rows]
 
     train_dir = out / "train"
     assert json.loads((train_dir / "sizes.json").read_text()) == {
         "shard-000000.tar": 64,
         "shard-000001.tar": 64,
-        "shard-000002.tar": 22,
+        "shard-000002.tar": 2,
     }
     samples = list(wds.WebDataset(str(train_dir / "shard-{000000..000002}.tar"), shardshuffle=False))
-    for index, sample in enumerate(samples):
-        label = int(sample["cls"])
-        caption = sample["txt"].decode()
-        assert sample["__key__"] == f"{index:09d}" and label == train_labels[index]
-        assert caption == train_caption(label, index, seed=0) and caption_pattern(label).fullmatch(caption)
-        assert json.loads(sample["json"])["extra"]["class"] == CLASSNAMES[label]
-        image = Image.open(io.BytesIO(sample["jpg"]))
-        assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (32, 32))
+    pair_samples = list(wds.WebDataset(str(out / "val_pairs" / "shard-000000.tar"), shardshuffle=False))
+    for rows, shard_samples in ((train_rows, samples), (val_rows, pair_samples)):
+        assert len(shard_samples) == len(rows)
+        for index, (row, sample) in enumerate(zip(rows, shard_samples, strict=True)):
+            label = int(sample["cls"])
+            caption = sample["txt"].decode()
+            assert sample["__key__"] == f"{index:09d}" and label == train_labels[row]
+            # Captioned by the row of the train split, so a caption does not depend on the slicing.
+            assert caption == train_caption(label, row, seed=0) and caption_pattern(label).fullmatch(caption)
+            assert json.loads(sample["json"])["extra"] == {
+                "class": CLASSNAMES[label],
+                "split": "train",
+                "row": row,
+            }
+            image = Image.open(io.BytesIO(sample["jpg"]))
+            assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (32, 32))
 
+    for folder, labels in (("eval", test_labels[:70].tolist()), ("val", train_labels[val_rows].tolist())):
+        eval_dir = out / folder
+        assert (eval_dir / "classnames.txt").read_text().splitlines() == list(CLASSNAMES)
+        templates = (eval_dir / "zeroshot_classification_templates.txt").read_text().splitlines()
+        assert templates == list(EVAL_TEMPLATES)
+        eval_set = read_eval_set(eval_dir)
+        assert (eval_set.classnames, eval_set.templates) == (list(CLASSNAMES), list(EVAL_TEMPLATES))
+        eval_samples = list(wds.WebDataset(eval_set.shard_urls, shardshuffle=False))
+        assert [int(s["cls"]) for s in eval_samples] == labels
+        assert all("txt" not in s for s in eval_samples)
+    assert (out / "eval" / "test" / "nshards.txt").read_text().strip() == "2"
     eval_dir = out / "eval"
-    assert (eval_dir / "classnames.txt").read_text().splitlines() == list(CLASSNAMES)
-    templates = (eval_dir / "zeroshot_classification_templates.txt").read_text().splitlines()
-    assert templates == list(EVAL_TEMPLATES)
-    assert (eval_dir / "test" / "nshards.txt").read_text().strip() == "2"
-    eval_samples = list(wds.WebDataset(str(eval_dir / "test" / "{0..1}.tar"), shardshuffle=False))
-    assert [int(s["cls"]) for s in eval_samples] == test_labels[:70].tolist()
-    assert all("txt" not in s for s in eval_samples)
-    eval_set = read_eval_set(eval_dir)
-    assert (eval_set.classnames, eval_set.templates) == (list(CLASSNAMES), list(EVAL_TEMPLATES))
-    assert eval_set.shard_urls == [str(eval_dir / "test" / f"{i}.tar") for i in range(2)]
+    assert read_eval_set(eval_dir).shard_urls == [str(eval_dir / "test" / f"{i}.tar") for i in range(2)]

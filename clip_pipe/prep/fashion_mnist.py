@@ -1,10 +1,20 @@
-"""Fashion-MNIST as image-caption training shards (train split) and a zero-shot eval set (test split).
+"""Fashion-MNIST as image-caption training shards and zero-shot eval sets.
+
+    OUT/train/      image-caption shards (.jpg .txt .cls .json) of the train split less the validation slice
+    OUT/val/        the validation slice as a zero-shot eval set (CLIP_benchmark layout, as OUT/eval/)
+    OUT/val_pairs/  the validation slice as image-caption shards made exactly as OUT/train/'s
+    OUT/eval/       the test split (10k) as a zero-shot eval set
+
+The validation slice (5,000 of the 60,000 train images, a fixed seeded choice) is for tuning and
+retrieval checks, so that the test split is only ever used for the final figure.
 
 Captions come from the labels through varied templates and synonyms, so a model trained on them has to
 match paraphrases rather than one fixed string per class; the eval templates mostly differ from the
-training ones, so zero-shot accuracy measures that generalisation.
+training ones, so zero-shot accuracy measures that generalisation. A training image's caption depends
+on its row in the original train split and the seed alone, so it is the same whichever slice holds it.
 """
 
+import hashlib
 import io
 import random
 from collections.abc import Iterator, Mapping
@@ -85,6 +95,17 @@ EVAL_TEMPLATES = (
 
 SPLIT_FILES = {"train": "train", "test": "t10k"}  # our split name -> the IDX files' prefix
 
+NUM_VAL = 5000
+VAL_SEED = 1130  # fixes which train rows are held out; independent of the caption seed
+
+
+def val_indices(num_rows: int, num_val: int) -> np.ndarray:
+    """The rows of the train split held out for validation: `num_val` of `num_rows`, sorted, a fixed
+    seeded choice (the same on every machine and run)."""
+    if not 0 <= num_val < num_rows:
+        raise ValueError(f"num_val must be in [0, {num_rows}) for {num_rows} train rows, got {num_val}")
+    return np.sort(np.random.default_rng(VAL_SEED).choice(num_rows, size=num_val, replace=False))
+
 
 def load_split(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 28, 28) uint8, labels (N,) uint8) of the "train" or "test" split."""
@@ -123,28 +144,32 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _inputs(root: str | Path, split: str, num_rows: int, seed: int | None) -> dict:
-    """What fixes a split's output, for job.json: a rerun with other files, counts or seed is refused."""
+def _inputs(root: str | Path, split: str, rows: np.ndarray, seed: int | None) -> dict:
+    """What fixes a split's output, for job.json: a rerun with other files, rows or seed is refused."""
     paths = [Path(root) / f"{SPLIT_FILES[split]}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]
     return {
         "files": [[str(p.resolve()), p.stat().st_size] for p in paths],
-        "num_rows": num_rows,
+        "num_rows": len(rows),
+        "rows_sha256": hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest(),
         "seed": seed,
     }
 
 
-def _rows(images: np.ndarray, labels: np.ndarray, split: str, seed: int | None) -> Iterator[Row]:
+def _rows(
+    images: np.ndarray, labels: np.ndarray, rows: np.ndarray, split: str, seed: int | None
+) -> Iterator[Row]:
+    """Rows `rows` of a split, numbered 0, 1, ... in the output; with a seed, captioned by split row."""
     # A generator, so PNG encoding overlaps the worker processes' decoding.
     source = f"{SPLIT_FILES[split]}-images-idx3-ubyte.gz"
-    for index, (pixels, label) in enumerate(zip(images, labels, strict=True)):
-        label = int(label)
+    for index, row in enumerate(rows.tolist()):
+        label = int(labels[row])
         yield Row(
             index=index,
-            image=png_bytes(pixels),
-            caption=None if seed is None else train_caption(label, index, seed),
+            image=png_bytes(images[row]),
+            caption=None if seed is None else train_caption(label, row, seed),
             label=label,
-            extra={"class": CLASSNAMES[label], "split": split},
-            source=f"{source}:{index}",
+            extra={"class": CLASSNAMES[label], "split": split, "row": row},
+            source=f"{source}:{row}",
         )
 
 
@@ -156,43 +181,56 @@ def build_fashion_mnist(
     shard_size: int = 5000,
     num_workers: int = 1,
     seed: int = 0,
+    num_val: int = NUM_VAL,
     num_train: int | None = None,
     num_test: int | None = None,
     args: Mapping[str, object] | None = None,
-) -> tuple[PrepSummary, PrepSummary]:
-    """Write `out_dir/train` (image-caption shards with cls labels) from the train split and
-    `out_dir/eval` (a CLIP_benchmark eval set) from the test split. `num_train`/`num_test` keep only
+) -> dict[str, PrepSummary]:
+    """Write `out_dir/{train,val,val_pairs,eval}` (see the module's doc); returns each one's summary.
+
+    `num_val` rows of the train split are held out (`val_indices`). `num_train`/`num_test` keep only
     the first rows of each split (for tests); captions do not depend on them."""
     out_dir = Path(out_dir)
     train_images, train_labels = load_split(root, "train")
     test_images, test_labels = load_split(root, "test")
-    train_images, train_labels = train_images[:num_train], train_labels[:num_train]
-    test_images, test_labels = test_images[:num_test], test_labels[:num_test]
+    num_rows = len(train_images) if num_train is None else min(num_train, len(train_images))
+    val_rows = val_indices(num_rows, num_val)
+    train_rows = np.setdiff1d(np.arange(num_rows), val_rows)
+    test_rows = np.arange(len(test_images) if num_test is None else min(num_test, len(test_images)))
 
-    train = build_dataset(
-        _rows(train_images, train_labels, "train", seed),
-        out_dir / "train",
-        EncodeConfig(image_size=image_size, labels=True, num_classes=len(CLASSNAMES)),
-        shard_size=shard_size,
-        # Dedup is for scraped corpora. This is a curated benchmark split: every row is kept, so results
-        # compare with others' (it has no two identical images anyway, and with captions drawn per row
-        # "exact" would make what counts as a duplicate depend on the draw).
-        dedup="none",
-        num_workers=num_workers,
-        num_rows=len(train_images),
-        inputs=_inputs(root, "train", len(train_images), seed),
-        args=args,
-    )
-    evaluation = write_eval_set(
-        _rows(test_images, test_labels, "test", seed=None),
-        out_dir / "eval",
-        CLASSNAMES,
-        EVAL_TEMPLATES,
-        image_size=image_size,
-        shard_size=shard_size,
-        num_workers=num_workers,
-        num_rows=len(test_images),
-        inputs=_inputs(root, "test", len(test_images), seed=None),
-        args=args,
-    )
-    return train, evaluation
+    def pairs(rows: np.ndarray, folder: str) -> PrepSummary:
+        return build_dataset(
+            _rows(train_images, train_labels, rows, "train", seed),
+            out_dir / folder,
+            EncodeConfig(image_size=image_size, labels=True, num_classes=len(CLASSNAMES)),
+            shard_size=shard_size,
+            # Dedup is for scraped corpora. This is a curated benchmark split: every row is kept, so
+            # results compare with others' (it has no two identical images anyway, and with captions
+            # drawn per row "exact" would make what counts as a duplicate depend on the draw).
+            dedup="none",
+            num_workers=num_workers,
+            num_rows=len(rows),
+            inputs=_inputs(root, "train", rows, seed),
+            args=args,
+        )
+
+    def eval_set(images: np.ndarray, labels: np.ndarray, rows: np.ndarray, split: str, folder: str):
+        return write_eval_set(
+            _rows(images, labels, rows, split, seed=None),
+            out_dir / folder,
+            CLASSNAMES,
+            EVAL_TEMPLATES,
+            image_size=image_size,
+            shard_size=shard_size,
+            num_workers=num_workers,
+            num_rows=len(rows),
+            inputs=_inputs(root, split, rows, seed=None),
+            args=args,
+        )
+
+    return {
+        "train": pairs(train_rows, "train"),
+        "val": eval_set(train_images, train_labels, val_rows, "train", "val"),
+        "val_pairs": pairs(val_rows, "val_pairs"),
+        "eval": eval_set(test_images, test_labels, test_rows, "test", "eval"),
+    }

@@ -1,0 +1,70 @@
+"""Training augmentation on uint8 images, normalised once per batch.
+
+open_clip's training transform (RandomResizedCrop, bicubic, scale 0.9-1, then to float and normalise)
+runs per sample on PIL images. Here the same crop runs on the decoded uint8 tensor (torch's antialiased
+bicubic, which follows PIL's kernel), the batch is stacked as uint8, and the float conversion and
+normalisation run once per batch. On the demo's 28-pixel images that is 4x cheaper per sample
+(docs/benchmarks.md, bench/loader.py).
+
+Crop parameters are drawn from a `random.Random` the caller seeds per sample, so a sample's crop
+depends on its place in the data stream alone (exact resume), not on any global generator.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# open_clip's defaults (open_clip.transform.AugmentationCfg and RandomResizedCrop's ratio).
+CROP_SCALE = (0.9, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+class TrainAugment:
+    """`crop(uint8 (3, H, W), rng) -> uint8 (3, h, w)` per sample, then `collate(crops) -> float (B, 3, h, w)`."""
+
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale: tuple[float, float] = CROP_SCALE,
+        ratio: tuple[float, float] = CROP_RATIO,
+    ):
+        self.size = (size, size) if isinstance(size, int) else tuple(size[-2:])
+        self.scale, self.log_ratio = scale, (math.log(ratio[0]), math.log(ratio[1]))
+        # x / 255 then (x - mean) / std, folded into one multiply-add on the uint8 values.
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.mul = 1 / (255 * std_t)
+        self.add = -torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / std_t
+
+    @classmethod
+    def from_preprocess_cfg(cls, cfg) -> TrainAugment:
+        """From an open_clip `PreprocessCfg` (what `image_transform_v2(cfg, is_train=True)` would do)."""
+        return cls(cfg.size, cfg.mean, cfg.std)
+
+    def crop_box(self, height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """(top, left, h, w): a random area fraction in `scale` and aspect ratio in `ratio`, as
+        torchvision's RandomResizedCrop draws them; the whole image if 10 draws do not fit."""
+        area = height * width
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*self.log_ratio))
+            w = round(math.sqrt(target * aspect))
+            h = round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        return 0, 0, height, width
+
+    def crop(self, image: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        top, left, h, w = self.crop_box(image.shape[-2], image.shape[-1], rng)
+        patch = image[None, :, top : top + h, left : left + w]
+        # torch's uint8 path (antialiased bicubic, PIL's a = -0.5 kernel), rounded and clamped to uint8.
+        return F.interpolate(patch, size=self.size, mode="bicubic", antialias=True, align_corners=False)[0]
+
+    def collate(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(crops).float().mul_(self.mul).add_(self.add)
