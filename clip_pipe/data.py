@@ -166,7 +166,10 @@ def decode_uint8(sample: dict) -> torch.Tensor:
     for ext in IMAGE_EXTENSIONS:
         if ext in sample:
             data = torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8)
-            return decode_image_tensor(data, mode=ImageReadMode.RGB)
+            image = decode_image_tensor(data, mode=ImageReadMode.RGB)
+            if image.dtype == torch.uint16:  # a 16-bit PNG: keep the 8 high bits
+                image = (image.to(torch.int32) >> 8).to(torch.uint8)
+            return image
     raise ValueError(f"sample {sample.get('__key__')} has no image ({', '.join(IMAGE_EXTENSIONS)})")
 
 

@@ -21,6 +21,7 @@ from clip_pipe.data import (
     SampleErrors,
     assign_shards,
     batch_loader,
+    decode_uint8,
     list_shards,
     slot_samples,
 )
@@ -218,3 +219,39 @@ def test_prefetcher_yields_in_order_then_raises_the_streams_error():
     with pytest.raises(ValueError, match="unreadable shard"):
         next(prefetched)
     assert list(Prefetcher(iter(range(3)), depth=1)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("P", "PNG"), ("L", "WEBP")],
+)
+def test_decode_uint8_gives_pils_rgb_pixels(mode, fmt):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (9, 13, 3), dtype=np.uint8)).convert(
+        mode
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    expected = torch.from_numpy(np.array(Image.open(buffer).convert("RGB"))).permute(2, 0, 1)
+    decoded = decode_uint8({"__key__": "x", fmt.lower().replace("jpeg", "jpg"): buffer.getvalue()})
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 9, 13)
+    # JPEG decoders may round chroma upsampling differently by a level or two.
+    assert (decoded.int() - expected.int()).abs().max() <= (3 if fmt == "JPEG" else 0)
+
+
+def test_decode_uint8_scales_16_bit_pngs_to_8_bits():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.arange(35, dtype=np.uint16).reshape(5, 7) * 1800).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    decoded = decode_uint8({"png": buffer.getvalue()})
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 5, 7)
+    assert torch.equal(decoded[1], torch.from_numpy((pixels >> 8).astype(np.uint8)))
