@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-SUMMARY_COLUMNS = [  # (result key, header, format)
+SUMMARY_COLUMNS = [  # (result key, row header, format)
     ("kind", "kind", "{}"),
     ("num_samples", "samples", "{}"),
     ("top1", "zero-shot top-1", "pct"),
@@ -120,11 +120,15 @@ def _fmt(value, how: str) -> str:
 
 
 def _summary_table(results: dict) -> str:
-    columns = [c for c in SUMMARY_COLUMNS if any(c[0] in r for r in results.values())]
-    head = "<tr><th>eval set</th>" + "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in columns) + "</tr>"
+    """One row per metric, one column per eval set (sets are few, metrics many)."""
+    names = list(results)
+    head = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>"
     rows = [
-        f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(r.get(k), f)}</td>" for k, _, f in columns) + "</tr>"
-        for name, r in results.items()
+        f"<tr><td>{html.escape(header)}</td>"
+        + "".join(f"<td>{_fmt(results[n].get(key), how)}</td>" for n in names)
+        + "</tr>"
+        for key, header, how in SUMMARY_COLUMNS
+        if any(key in r for r in results.values())
     ]
     return f'<table class="metrics">{head}{"".join(rows)}</table>'
 
@@ -213,7 +217,7 @@ def _map(data: dict) -> bytes:
             ax.legend(markerscale=3, fontsize=8, loc="best")
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
-    ax.set_title("image embeddings (PCA); ★ class text embeddings")
+    ax.set_title("image embeddings (PCA)" + ("; ★ class text embeddings" if data["class_points"] else ""))
     return _png(fig)
 
 
