@@ -231,3 +231,51 @@ def test_clip_pipe_report_redraws_from_the_json_alone(color_model, tmp_path, cap
     assert "report/index.html" in capsys.readouterr().out
     assert "colors_confusion.png" in {p.name for p in (run_dir / "report").glob("*.png")}
     assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def test_make_shards_group_col_makes_one_image_with_several_captions(color_model, tmp_path):
+    import random
+    import sys
+
+    from tests.conftest import REPO, color_jpeg
+
+    rng = random.Random(0)
+    (tmp_path / "images").mkdir()
+    rows = ["image,caption,image_id"]
+    for i, color in enumerate(["red", "green", "blue"]):
+        (tmp_path / "images" / f"{color}.jpg").write_bytes(color_jpeg(color, rng))
+        # The same picture saved twice under two names: one image, by its id, whatever the file.
+        (tmp_path / "images" / f"{color}_copy.jpg").write_bytes(color_jpeg(color, rng))
+        rows += [f"{color}.jpg,a {color} square,id{i}", f"{color}_copy.jpg,something {color},id{i}"]
+    rows += ["red.jpg,the same red file again,id9"]  # without --group-col, grouped with row 0 by its bytes
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+
+    def shard(out: str, *extra: str) -> Path:
+        proc = subprocess.run(
+            [sys.executable, "data_prep/make_shards.py", "--images", str(tmp_path / "images"), "--captions",
+             str(tmp_path / "captions.csv"), "--out", str(tmp_path / out), "--image-size", "16", "--workers", "1",
+             *extra],
+            cwd=REPO, capture_output=True, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return tmp_path / out
+
+    encoder = load_export(color_model)
+    for folder, groups in (
+        (shard("by_id", "--group-col", "image_id"), ["id0", "id0", "id1", "id1", "id2", "id2", "id9"]),
+        (shard("by_bytes"), None),
+    ):
+        emb = embed(encoder.model, encoder.preprocess_val, encoder.tokenizer, read_eval_set(folder), 4)
+        if groups:
+            assert emb.groups == groups
+            assert score(emb)["num_images"] == 4
+        else:  # 7 rows, 6 distinct files: the repeated red.jpg is one image with two captions
+            assert emb.groups[0] == emb.groups[6] and len(set(emb.groups)) == 6
+            assert score(emb)["num_images"] == 6
+    assert main(["eval", "--checkpoint", str(color_model), "--eval-set", str(tmp_path / "by_id")]) == 0
+    bad = subprocess.run(
+        [sys.executable, "data_prep/make_shards.py", "--images", str(tmp_path / "images"), "--captions",
+         str(tmp_path / "captions.csv"), "--out", str(tmp_path / "bad"), "--group-col", "imageid"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "column 'imageid' not found" in bad.stderr
