@@ -96,7 +96,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"checkpoint: {model_file}")
 
     def embed_set(eval_set):
-        return embed(model, encoder.preprocess_val, encoder.tokenizer, eval_set, args.batch_size, device=device)
+        return embed(
+            model, encoder.preprocess_val, encoder.tokenizer, eval_set, args.batch_size, device=device
+        )
 
     probe = embed_set(probe_set) if probe_set else None
     results = {}
@@ -107,7 +109,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         records = to_clip_benchmark(results, args.model_name or _model_name(model_file), str(model_file))
         paths = [Path(args.out.format(dataset=r["dataset"], task=r["task"])) for r in records]
         if len(set(paths)) < len(paths):
-            raise ValueError(f"--out {args.out}: several results, one file; put {{dataset}} and {{task}} in it")
+            raise ValueError(
+                f"--out {args.out}: several results, one file; put {{dataset}} and {{task}} in it"
+            )
         for path, record in zip(paths, records, strict=True):
             path.write_text(json.dumps(record))
             print(f"wrote {path}")
@@ -195,20 +199,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--batch-size", type=int, default=64)
     sub.add_argument("--device", help="default: cuda if available, else cpu")
 
-    sub = command("eval", cmd_eval, "zero-shot classification, retrieval, clustering and geometry on eval sets")
+    sub = command(
+        "eval", cmd_eval, "zero-shot classification, retrieval, clustering and geometry on eval sets"
+    )
     sub.add_argument(
         "--eval-set", action="append", required=True,
         help="eval set folder (repeatable): CLIP_benchmark layout, or a make_shards.py folder for retrieval",
     )  # fmt: skip
-    sub.add_argument("--linear-probe-train", help="labelled set to fit a linear probe on (scored on each set)")
+    sub.add_argument(
+        "--linear-probe-train", help="labelled set to fit a linear probe on (scored on each set)"
+    )
     sub.add_argument("--batch-size", type=int, default=256)
     sub.add_argument("--device", help="default: cuda if available, else cpu")
-    sub.add_argument("--out", help="write the results as JSON here ({dataset} and {task} with clip_benchmark)")
+    sub.add_argument(
+        "--out", help="write the results as JSON here ({dataset} and {task} with clip_benchmark)"
+    )
     sub.add_argument(
         "--format", choices=("clip-pipe", "clip_benchmark"), default="clip-pipe",
         help="clip_benchmark: one CLIP_benchmark result file per set and task",
     )  # fmt: skip
-    sub.add_argument("--model-name", help="the `model` of CLIP_benchmark results (default: the run's model.name)")
+    sub.add_argument(
+        "--model-name", help="the `model` of CLIP_benchmark results (default: the run's model.name)"
+    )
 
     sub = commands.add_parser("report", help="redraw RUN/report/index.html from the run's JSON")
     sub.set_defaults(fn=cmd_report)

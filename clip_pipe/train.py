@@ -32,12 +32,12 @@ from clip_pipe.config import OptimConfig, TrainConfig, save_config
 from clip_pipe.data import ImageTextStream, LoaderPosition, batch_loader, list_shards
 from clip_pipe.distributed import env_from_os, threads_per_rank
 from clip_pipe.engine import Engine, init_process_group
-from clip_pipe.loss import ClipLoss
-from clip_pipe.metrics import MetricsLog, plot_metrics, setup_logging
-from clip_pipe.model import DualEncoder, build_model, save_export
 from clip_pipe.eval import configured_sets, embed, format_results, logged_metrics, score_on_main
 from clip_pipe.eval.figures import figure_data
 from clip_pipe.eval.report import write_report
+from clip_pipe.loss import ClipLoss
+from clip_pipe.metrics import MetricsLog, plot_metrics, setup_logging
+from clip_pipe.model import DualEncoder, build_model, save_export
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +235,16 @@ def run_eval(
     """Evaluate every eval set: all ranks embed their share, rank 0 scores. Returns the results (every
     rank) and, with `figures`, the data for the report's pictures (rank 0)."""
 
+    embedded = {}  # a folder that is both the probe's training set and an eval set is embedded once
+
     def embed_set(eval_set):
-        return embed(
-            engine.module, encoder.preprocess_val, encoder.tokenizer, eval_set, cfg.eval.batch_size,
-            env.rank, env.world_size, engine.device, engine.dtype,
-        )  # fmt: skip
+        key = tuple(eval_set.shard_urls)
+        if key not in embedded:
+            embedded[key] = embed(
+                engine.module, encoder.preprocess_val, encoder.tokenizer, eval_set, cfg.eval.batch_size,
+                env.rank, env.world_size, engine.device, engine.dtype,
+            )  # fmt: skip
+        return embedded[key]
 
     probe = embed_set(probe_set) if probe_set is not None else None
     results, figure_sets = {}, {}

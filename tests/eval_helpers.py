@@ -21,7 +21,7 @@ def noise_jpeg(rng: random.Random, size: int = 16) -> bytes:
     return buffer.getvalue()
 
 
-WORDS = "cat dog car tree sky boat house bird fish lamp road hill".split()
+WORDS = ["cat", "dog", "car", "tree", "sky", "boat", "house", "bird", "fish", "lamp", "road", "hill"]
 
 
 def write_pairs_set(folder: Path, num_images: int = 12, captions_per_image: int = 2, seed: int = 3,
@@ -70,7 +70,9 @@ def webp(color: str, rng: random.Random) -> bytes:
     return buffer.getvalue()
 
 
-def write_clip_benchmark_retrieval(folder: Path, num_images: int = 9, seed: int = 4, noise: bool = False) -> Path:
+def write_clip_benchmark_retrieval(
+    folder: Path, num_images: int = 9, seed: int = 4, noise: bool = False
+) -> Path:
     """CLIP_benchmark's WebDataset retrieval layout, as its clip_benchmark_export_wds writes it:
     dataset_type.txt = retrieval, test/nshards.txt, test/N.tar of s%07d keys with webp + txt (one caption
     per line; here 1 to 3 of them, so ranks hold unequal numbers of captions). `noise`: as in
@@ -85,7 +87,9 @@ def write_clip_benchmark_retrieval(folder: Path, num_images: int = 9, seed: int 
             if noise:
                 captions = [" ".join(rng.choice(WORDS) for _ in range(5)) for _ in captions]
                 image = noise_jpeg(rng)
-            writer.write({"__key__": f"s{i:07d}", "webp" if not noise else "jpg": image, "txt": "\n".join(captions)})
+            writer.write(
+                {"__key__": f"s{i:07d}", "webp" if not noise else "jpg": image, "txt": "\n".join(captions)}
+            )
     (folder / "test" / "nshards.txt").write_text("1\n")
     (folder / "dataset_type.txt").write_text("retrieval\n")
     return folder

@@ -44,10 +44,10 @@ def test_read_eval_set_detects_each_kind(tmp_path, sets):
     with pytest.raises(ValueError, match="no such folder"):
         read_eval_set(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="neither sizes.json"):
+    with pytest.raises(ValueError, match=r"neither sizes\.json"):
         read_eval_set(tmp_path / "empty")
     (sets["cb_classes"] / "zeroshot_classification_templates.txt").unlink()
-    with pytest.raises(ValueError, match="missing zeroshot_classification_templates.txt"):
+    with pytest.raises(ValueError, match=r"missing zeroshot_classification_templates\.txt"):
         read_eval_set(sets["cb_classes"])
 
 
@@ -76,7 +76,12 @@ def test_each_kind_scored_with_a_real_model(color_model, sets):
 
     pairs = embed_set(sets["pairs"])
     # 12 images x 2 captions, one sample unreadable: 23 samples, 12 distinct images, 23 captions.
-    assert (len(pairs.keys), pairs.num_skipped, len(set(pairs.groups)), len(pairs.captions)) == (23, 1, 12, 23)
+    assert (len(pairs.keys), pairs.num_skipped, len(set(pairs.groups)), len(pairs.captions)) == (
+        23,
+        1,
+        12,
+        23,
+    )
     assert pairs.labels is not None and pairs.class_texts is None
     r = score(pairs, probe_train=pairs)
     assert (r["num_images"], r["num_texts"], r["num_skipped"]) == (12, 23, 1)
@@ -114,7 +119,11 @@ def test_cli_eval_reads_clip_benchmark_sets_and_writes_its_results(color_model, 
     # CLIP_benchmark's result file: these keys, as its `clip_benchmark eval` dumps them.
     record = json.loads((tmp_path / "cb_cb_classes_zeroshot_classification.json").read_text())
     assert set(record) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
-    assert (record["dataset"], record["model"], record["pretrained"]) == ("cb_classes", "clip-pipe-test", str(color_model))
+    assert (record["dataset"], record["model"], record["pretrained"]) == (
+        "cb_classes",
+        "clip-pipe-test",
+        str(color_model),
+    )
     assert record["metrics"] == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
     retrieval = json.loads((tmp_path / "cb_pairs_zeroshot_retrieval.json").read_text())["metrics"]
     assert set(retrieval) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
@@ -164,7 +173,9 @@ def render(page: Path, out_dir: Path) -> dict:
     probe.write_text(page.read_text().replace("</body>", CHECK_SCRIPT))
     with tempfile.TemporaryDirectory() as profile:
         flags = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
-        dom = subprocess.run([*flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180)
+        dom = subprocess.run(
+            [*flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=180
+        )
         shot = subprocess.run(
             [*flags, f"--screenshot={screenshot}", "--window-size=1200,4000", page.as_uri()],
             capture_output=True, text=True, timeout=180,
@@ -279,3 +290,36 @@ def test_make_shards_group_col_makes_one_image_with_several_captions(color_model
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert bad.returncode != 0 and "column 'imageid' not found" in bad.stderr
+
+
+def test_holdout_splits_by_image_and_copies_samples_unchanged(tmp_path):
+    import sys
+
+    import webdataset as wds
+
+    from tests.conftest import REPO
+
+    source = write_pairs_set(tmp_path / "pairs", num_images=40, captions_per_image=2)
+    train, heldout = tmp_path / "train", tmp_path / "heldout"
+    proc = subprocess.run(
+        [sys.executable, "data_prep/holdout.py", str(source), "--train", str(train), "--heldout", str(heldout),
+         "--fraction", "0.25"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+    def samples(folder):
+        urls = [{"url": str(folder / name)} for name in json.loads((folder / "sizes.json").read_text())]
+        return {s["__key__"]: s for s in wds.tariterators.tarfile_samples(urls)}
+
+    original, kept, held = samples(source), samples(train), samples(heldout)
+    assert sorted([*kept, *held]) == sorted(original) and not set(kept) & set(held)
+    assert 8 <= len(held) <= 32  # about a quarter of 80
+    for key, s in {**kept, **held}.items():
+        assert {k: s[k] for k in ("jpg", "txt", "json", "cls")} == {
+            k: original[key][k] for k in ("jpg", "txt", "json", "cls")
+        }
+    # Both captions of an image are on the same side: no held-out image was trained on.
+    images = lambda group: {json.loads(s["json"])["sha256"] for s in group.values()}  # noqa: E731
+    assert not images(kept) & images(held)
+    assert read_eval_set(heldout).kind == "retrieval"

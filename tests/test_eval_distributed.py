@@ -22,7 +22,11 @@ BATCH = 4
 
 
 def _cfg(tmp: Path, stage: int):
-    overrides = ["data.train=/unused", f"run.zero_stage={stage}", f"run.deepspeed_config={partition_everything(tmp)}"]
+    overrides = [
+        "data.train=/unused",
+        f"run.zero_stage={stage}",
+        f"run.deepspeed_config={partition_everything(tmp)}",
+    ]
     return load_config(REPO / "configs" / "tiny_test.yaml", overrides)
 
 
@@ -75,7 +79,9 @@ def test_two_rank_zero3_embedding_and_metrics_equal_one_process(tmp_path):
             expected = score(ref, probe)
             assert results.keys() == expected.keys()
             for key, value in expected.items():
-                assert results[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
+                assert results[key] == (
+                    pytest.approx(value, abs=1e-6) if isinstance(value, float) else value
+                ), key
     pairs = torch.load(tmp_path / "rank1.pt", weights_only=False)["pairs"][1]
     assert (pairs["num_samples"], pairs["num_skipped"], pairs["num_images"]) == (41, 1, 21)
     cb = torch.load(tmp_path / "rank1.pt", weights_only=False)["cb_retrieval"][1]

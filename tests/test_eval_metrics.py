@@ -94,7 +94,9 @@ def test_alignment_and_uniformity_by_hand():
     emb = retrieval_embeddings()
     pairs = emb.images[emb.text_owner], emb.texts
     assert alignment_uniformity(emb)["alignment"] == pytest.approx(alignment(*pairs))
-    assert alignment(*pairs) == pytest.approx((0 + 2 - 2 * 0.1 / math.sqrt(1.01) + 2 - 2 * 0.5 / math.sqrt(1.25)) / 3)
+    assert alignment(*pairs) == pytest.approx(
+        (0 + 2 - 2 * 0.1 / math.sqrt(1.01) + 2 - 2 * 0.5 / math.sqrt(1.25)) / 3
+    )
 
 
 def test_kmeans_scores_by_hand():
@@ -103,7 +105,10 @@ def test_kmeans_scores_by_hand():
     assert kmeans_scores(emb) == {"kmeans_nmi": pytest.approx(1.0), "kmeans_ari": pytest.approx(1.0)}
     # The clusters cut straight across the classes: no information (NMI 0); ARI is -0.5 for this 2x2 table.
     emb.labels = torch.tensor([0, 1, 0, 1])
-    assert kmeans_scores(emb) == {"kmeans_nmi": pytest.approx(0.0, abs=1e-12), "kmeans_ari": pytest.approx(-0.5)}
+    assert kmeans_scores(emb) == {
+        "kmeans_nmi": pytest.approx(0.0, abs=1e-12),
+        "kmeans_ari": pytest.approx(-0.5),
+    }
 
 
 def test_linear_probe_separable_and_flipped():
@@ -134,9 +139,14 @@ def test_score_runs_every_applicable_metric_and_exports_clip_benchmark():
     t = score(retrieval_embeddings())
     assert t["kind"] == "retrieval" and "image_retrieval_recall@5" in t and "kmeans_nmi" not in t  # no labels
     records = to_clip_benchmark({"cls": r, "ret": t}, "clip-pipe-test", "model.pt")
-    assert [(x["dataset"], x["task"]) for x in records] == [("cls", "zeroshot_classification"), ("ret", "zeroshot_retrieval")]
+    assert [(x["dataset"], x["task"]) for x in records] == [
+        ("cls", "zeroshot_classification"),
+        ("ret", "zeroshot_retrieval"),
+    ]
     assert records[0]["metrics"] == {"acc1": 0.5, "acc5": 1.0, "mean_per_class_recall": pytest.approx(0.5)}
-    assert set(records[1]["metrics"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    assert set(records[1]["metrics"]) == {
+        f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)
+    }
 
 
 def test_merge_of_rank_shares_restores_the_single_process_order():

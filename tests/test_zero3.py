@@ -13,8 +13,8 @@ import json
 import pytest
 
 from clip_pipe.config import load_config
-from clip_pipe.model import load_export
 from clip_pipe.eval import evaluate, read_eval_set
+from clip_pipe.model import load_export
 from tests.conftest import REPO, run_ranks, write_eval_set
 from tests.eval_helpers import write_pairs_set
 from tests.test_engine import partition_everything
@@ -48,7 +48,10 @@ def test_zero3_trains_evaluates_and_exports(tmp_path, color_shards):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "zeroshot_top1" in r] == [3, 6]
     assert [(r["step"], r["eval_set"]) for r in records if "alignment" in r] == [
-        (3, "eval"), (3, "pairs"), (6, "eval"), (6, "pairs")
+        (3, "eval"),
+        (3, "pairs"),
+        (6, "eval"),
+        (6, "pairs"),
     ]
     assert [r["step"] for r in records if "image_retrieval_recall@1" in r] == [3, 6]
     assert (run_dir / "report" / "index.html").read_text().count("data:image/png;base64,") == 8

@@ -1,11 +1,11 @@
 """Evaluation: embed an eval set once (all ranks), then score it with every metric that applies.
 
-    sets.py         readers: CLIP_benchmark's WebDataset layout; make_shards.py folders for retrieval
-    embed.py        the one distributed pass (padded, ZeRO-3 safe) -> Embeddings
-    zeroshot.py retrieval.py geometry.py clustering.py linear_probe.py
-                    pure: Embeddings -> {metric: value}
-    figures.py      the data behind the report's pictures (PCA map, similarities, retrieval examples)
-    report.py       RUN/report/index.html and its PNGs from the run's JSON; no torch
+sets.py         readers: CLIP_benchmark's WebDataset layout; make_shards.py folders for retrieval
+embed.py        the one distributed pass (padded, ZeRO-3 safe) -> Embeddings
+zeroshot.py retrieval.py geometry.py clustering.py linear_probe.py
+                pure: Embeddings -> {metric: value}
+figures.py      the data behind the report's pictures (PCA map, similarities, retrieval examples)
+report.py       RUN/report/index.html and its PNGs from the run's JSON; no torch
 """
 
 from __future__ import annotations
@@ -24,8 +24,19 @@ from clip_pipe.eval.sets import EvalSet, read_eval_set
 from clip_pipe.eval.zeroshot import zeroshot_classification
 
 __all__ = [
-    "METRICS", "EvalSet", "Embeddings", "classifier_weights", "configured_sets", "embed", "encode_texts",
-    "evaluate", "format_results", "logged_metrics", "read_eval_set", "score", "score_on_main",
+    "METRICS",
+    "Embeddings",
+    "EvalSet",
+    "classifier_weights",
+    "configured_sets",
+    "embed",
+    "encode_texts",
+    "evaluate",
+    "format_results",
+    "logged_metrics",
+    "read_eval_set",
+    "score",
+    "score_on_main",
     "to_clip_benchmark",
 ]  # fmt: skip
 
@@ -45,7 +56,12 @@ def score(emb: Embeddings, probe_train: Embeddings | None = None) -> dict:
     """Every applicable metric of one embedded set; the linear probe where `probe_train` is given and the
     set has labels. Pure: no model, no ranks."""
     kind = "classification" if emb.class_texts is not None else "retrieval"
-    results = {"eval_set": emb.name, "kind": kind, "num_samples": len(emb.keys), "num_skipped": emb.num_skipped}
+    results = {
+        "eval_set": emb.name,
+        "kind": kind,
+        "num_samples": len(emb.keys),
+        "num_skipped": emb.num_skipped,
+    }
     for applies, metric in METRICS.values():
         if applies(emb):
             results.update(metric(emb))
@@ -98,7 +114,11 @@ def configured_sets(cfg) -> tuple[list[EvalSet], EvalSet | None]:
 
 def logged_metrics(r: dict) -> dict:
     """The scalar results of one set, for metrics.jsonl; zero-shot accuracies get a `zeroshot_` prefix."""
-    renamed = {"top1": "zeroshot_top1", "top5": "zeroshot_top5", "mean_per_class_recall": "zeroshot_mean_per_class_recall"}
+    renamed = {
+        "top1": "zeroshot_top1",
+        "top5": "zeroshot_top5",
+        "mean_per_class_recall": "zeroshot_mean_per_class_recall",
+    }
     return {
         renamed.get(k, k): v
         for k, v in r.items()
@@ -145,7 +165,11 @@ def to_clip_benchmark(results: dict, model: str, pretrained: str, language: str 
 
     for name, r in results.items():
         if r["kind"] == "classification":
-            metrics = {"acc1": r["top1"], "acc5": r["top5"], "mean_per_class_recall": r["mean_per_class_recall"]}
+            metrics = {
+                "acc1": r["top1"],
+                "acc5": r["top5"],
+                "mean_per_class_recall": r["mean_per_class_recall"],
+            }
             record(name, "zeroshot_classification", metrics)
         if "image_retrieval_recall@1" in r:
             record(name, "zeroshot_retrieval", {k: v for k, v in r.items() if "_retrieval_recall@" in k})

@@ -8,6 +8,7 @@ with blank inputs, whose rows are dropped.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,13 +100,15 @@ def embed(
     blank = preprocess(Image.new("RGB", (32, 32)))
     samples = eval_samples(eval_set, rank, world_size, errors)
     while True:
-        batch = [s for _, s in zip(range(batch_size), samples)]
+        batch = list(itertools.islice(samples, batch_size))
         if not _any_rank(bool(batch), world_size, device):
             break
         pixels = [preprocess(s.image) for s in batch]
         if world_size > 1:
             pixels += [blank] * (batch_size - len(batch))
-        features.append(image_features(model, torch.stack(pixels).to(device, dtype)).float()[: len(batch)].cpu())
+        features.append(
+            image_features(model, torch.stack(pixels).to(device, dtype)).float()[: len(batch)].cpu()
+        )
         for s in batch:
             indices.append(s.index)
             keys.append(s.key)

@@ -70,7 +70,9 @@ def write_report(run_dir: str | Path) -> Path:
         if "confusion" in r:
             parts.append(_figure(out, f"{slug}_confusion.png", _confusion(r), "Zero-shot confusion matrix."))
         if "per_class_accuracy" in r:
-            parts.append(_figure(out, f"{slug}_per_class.png", _per_class(r), "Zero-shot accuracy per class."))
+            parts.append(
+                _figure(out, f"{slug}_per_class.png", _per_class(r), "Zero-shot accuracy per class.")
+            )
             parts.append(_per_class_table(r))
         fig = figures.get(name, {})
         if fig.get("map"):
@@ -78,7 +80,9 @@ def write_report(run_dir: str | Path) -> Path:
         if fig.get("similarity"):
             parts.append(_figure(out, f"{slug}_similarity.png", _similarity(fig["similarity"]), _SIM_CAPTION))
         if fig.get("retrieval"):
-            parts.append(_figure(out, f"{slug}_retrieval.png", _retrieval(fig["retrieval"]), _RETRIEVAL_CAPTION))
+            parts.append(
+                _figure(out, f"{slug}_retrieval.png", _retrieval(fig["retrieval"]), _RETRIEVAL_CAPTION)
+            )
         sections.append("\n".join(parts))
     title = f"clip-pipe report: {html.escape(run_dir.name)}"
     page = _PAGE.format(title=title, body="\n".join(sections))
@@ -135,7 +139,8 @@ def _summary_table(results: dict) -> str:
 
 def _per_class_table(r: dict) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(c)}</td><td>{100 * a:.2f}%</td></tr>" for c, a in r["per_class_accuracy"].items()
+        f"<tr><td>{html.escape(c)}</td><td>{100 * a:.2f}%</td></tr>"
+        for c, a in r["per_class_accuracy"].items()
     )
     return f'<table class="per-class"><tr><th>class</th><th>zero-shot accuracy</th></tr>{rows}</table>'
 
@@ -209,7 +214,9 @@ def _map(data: dict) -> bytes:
         for c, name in enumerate(data["classnames"]):
             mine = labels == c
             if mine.any():
-                ax.scatter(points[mine, 0], points[mine, 1], s=4, alpha=0.5, color=cmap(c % cmap.N), label=name)
+                ax.scatter(
+                    points[mine, 0], points[mine, 1], s=4, alpha=0.5, color=cmap(c % cmap.N), label=name
+                )
         if data["class_points"]:
             for c, (x, y) in enumerate(data["class_points"]):
                 ax.scatter([x], [y], marker="*", s=300, color=cmap(c % cmap.N), edgecolors="black", zorder=3)
@@ -279,7 +286,9 @@ def _geometry_over_training(records: list[dict]) -> bytes | None:
         steps = [r["step"] for r in mine]
         axes[0].plot(steps, [r["alignment"] for r in mine], marker="o", label=name)
         axes[1].plot(steps, [r["uniformity_image"] for r in mine], marker="o", label=f"{name} images")
-        axes[1].plot(steps, [r["uniformity_text"] for r in mine], marker="s", linestyle="--", label=f"{name} texts")
+        axes[1].plot(
+            steps, [r["uniformity_text"] for r in mine], marker="s", linestyle="--", label=f"{name} texts"
+        )
     axes[0].set_title("alignment (lower: positive pairs closer)")
     axes[1].set_title("uniformity (lower: more spread; 0: collapsed)")
     for ax in axes:

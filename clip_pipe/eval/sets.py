@@ -90,9 +90,7 @@ def _clip_benchmark_shards(root: Path, split: str) -> list[str]:
     return urls
 
 
-def eval_samples(
-    eval_set: EvalSet, rank: int, world_size: int, errors: SampleErrors
-) -> Iterator[EvalSample]:
+def eval_samples(eval_set: EvalSet, rank: int, world_size: int, errors: SampleErrors) -> Iterator[EvalSample]:
     """This rank's share of the set, decoded: every world_size-th sample, so ranks split it evenly.
     Unreadable samples are counted in `errors` and skipped; the others keep their index."""
     samples = wds.tariterators.tarfile_samples([{"url": u} for u in eval_set.shard_urls], handler=errors)
