@@ -63,20 +63,21 @@ def test_retrieval_counts_an_image_once_with_all_its_captions():
 
 def classification_embeddings() -> Embeddings:
     # Class texts e1, e2, e3. Images: e1 (class 0, right), e2 (class 0, predicted 1), e3 (class 2, right),
-    # e1 + 0.1 e2 (class 1, predicted 0).
+    # e1 + 0.1 e2 (class 1, predicted 0), e1 (class 2, predicted 0).
     return Embeddings(
-        "toy", unit(E[0], E[1], E[2], [1, 0.1, 0, 0]), ["a", "b", "c", "d"], ["a", "b", "c", "d"],
-        labels=torch.tensor([0, 0, 2, 1]), class_texts=E[:3], classnames=["zero", "one", "two"],
+        "toy", unit(E[0], E[1], E[2], [1, 0.1, 0, 0], E[0]), list("abcde"), list("abcde"),
+        labels=torch.tensor([0, 0, 2, 1, 2]), class_texts=E[:3], classnames=["zero", "one", "two"],
     )  # fmt: skip
 
 
 def test_zeroshot_classification_by_hand():
     r = zeroshot_classification(classification_embeddings())
-    assert r["top1"] == 0.5
+    assert r["top1"] == 2 / 5
     assert r["top5"] == 1.0  # 3 classes: the true one is always among the top 5
-    assert r["per_class_accuracy"] == {"zero": 0.5, "one": 0.0, "two": 1.0}
-    assert r["mean_per_class_recall"] == pytest.approx(0.5)
-    assert r["confusion"] == [[1, 1, 0], [1, 0, 0], [0, 0, 1]]
+    # Recall per true class (rows), not precision per predicted class (columns: 3, 1, 1).
+    assert r["per_class_accuracy"] == {"zero": 0.5, "one": 0.0, "two": 0.5}
+    assert r["mean_per_class_recall"] == pytest.approx(1 / 3)
+    assert r["confusion"] == [[1, 1, 0], [1, 0, 0], [1, 0, 1]]
 
 
 def test_alignment_and_uniformity_by_hand():
@@ -86,9 +87,9 @@ def test_alignment_and_uniformity_by_hand():
     assert uniformity(unit(E[0], E[1], -E[0])) == pytest.approx(expected, rel=1e-12)
     assert uniformity(unit(E[0], E[1], -E[0]), chunk=1) == pytest.approx(expected, rel=1e-12)  # chunking
     assert uniformity(unit(E[0], E[0], E[0])) == pytest.approx(0.0)  # collapse
-    # Classification sets pair each image with its class's text: distances² 0, 2, 0, 2 - 2 * 0.1/sqrt(1.01).
+    # Classification sets pair each image with its class's text: distances² 0, 2, 0, 2 - 2 * 0.1/sqrt(1.01), 2.
     g = alignment_uniformity(classification_embeddings())
-    assert g["alignment"] == pytest.approx((2 + 2 - 2 * 0.1 / math.sqrt(1.01)) / 4, rel=1e-6)
+    assert g["alignment"] == pytest.approx((2 + 2 - 2 * 0.1 / math.sqrt(1.01) + 2) / 5, rel=1e-6)
     assert g["uniformity_text"] == pytest.approx(math.log(math.exp(-4)))  # e1, e2, e3: all pairs at 2
     # Retrieval sets pair each caption with its image.
     emb = retrieval_embeddings()
@@ -133,7 +134,7 @@ def test_linear_probe_separable_and_flipped():
 
 def test_score_runs_every_applicable_metric_and_exports_clip_benchmark():
     r = score(classification_embeddings(), probe_train=None)
-    assert r["kind"] == "classification" and r["num_samples"] == 4
+    assert r["kind"] == "classification" and r["num_samples"] == 5
     assert {"top1", "alignment", "uniformity_image", "kmeans_nmi"} <= set(r)
     assert not any("retrieval" in k for k in r)
     t = score(retrieval_embeddings())
@@ -143,7 +144,7 @@ def test_score_runs_every_applicable_metric_and_exports_clip_benchmark():
         ("cls", "zeroshot_classification"),
         ("ret", "zeroshot_retrieval"),
     ]
-    assert records[0]["metrics"] == {"acc1": 0.5, "acc5": 1.0, "mean_per_class_recall": pytest.approx(0.5)}
+    assert records[0]["metrics"] == {"acc1": 0.4, "acc5": 1.0, "mean_per_class_recall": pytest.approx(1 / 3)}
     assert set(records[1]["metrics"]) == {
         f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)
     }
