@@ -244,6 +244,7 @@ def test_clip_pipe_report_redraws_from_the_json_alone(color_model, tmp_path, cap
     assert main(["report", str(tmp_path / "nowhere")]) == 2
 
 
+@pytest.mark.slow  # three make_shards.py runs
 def test_make_shards_group_col_makes_one_image_with_several_captions(color_model, tmp_path):
     import random
     import sys
