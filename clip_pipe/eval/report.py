@@ -284,11 +284,15 @@ def _geometry_over_training(records: list[dict]) -> bytes | None:
     for name in dict.fromkeys(r["eval_set"] for r in evals):
         mine = [r for r in evals if r["eval_set"] == name]
         steps = [r["step"] for r in mine]
-        axes[0].plot(steps, [r["alignment"] for r in mine], marker="o", label=name)
-        axes[1].plot(steps, [r["uniformity_image"] for r in mine], marker="o", label=f"{name} images")
+        (line,) = axes[0].plot(steps, [r["alignment"] for r in mine], marker="o", label=name)
+        color = line.get_color()  # one colour per set; images solid, texts dashed
         axes[1].plot(
-            steps, [r["uniformity_text"] for r in mine], marker="s", linestyle="--", label=f"{name} texts"
+            steps, [r["uniformity_image"] for r in mine], marker="o", color=color, label=f"{name} images"
         )
+        axes[1].plot(
+            steps, [r["uniformity_text"] for r in mine], marker="s", linestyle="--", color=color,
+            label=f"{name} texts",
+        )  # fmt: skip
     axes[0].set_title("alignment (lower: positive pairs closer)")
     axes[1].set_title("uniformity (lower: more spread; 0: collapsed)")
     for ax in axes:
