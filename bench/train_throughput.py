@@ -92,8 +92,9 @@ def zeroshot_top1(name: str, out: Path, eval_set: Path) -> float:
     import torch
 
     from clip_pipe.config import ModelConfig
+    from clip_pipe.eval import evaluate
+    from clip_pipe.eval.sets import read_eval_set
     from clip_pipe.model import build_model, load_export
-    from clip_pipe.zeroshot import evaluate, read_eval_set
 
     if name == "open_clip_train":
         state = torch.load(out / "bench/checkpoints/epoch_1.pt", map_location="cpu", weights_only=True)

@@ -23,11 +23,11 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from clip_pipe.checkpoints import resolve_model_file
+from clip_pipe.eval.embed import classifier_weights, encode_texts
 from clip_pipe.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from clip_pipe.losses import MAX_LOGIT_SCALE
 from clip_pipe.model import DualEncoder, load_export
 from clip_pipe.prep.images import to_rgb
-from clip_pipe.zeroshot import classifier_weights, encode_texts
 
 ImageInput = Image.Image | str | Path | bytes
 DEFAULT_TEMPLATES = ("{c}",)

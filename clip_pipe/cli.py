@@ -2,12 +2,14 @@
 
     clip-pipe classify --checkpoint CKPT --labels "cat,dog,car" IMG [IMG ...] [--json]
     clip-pipe eval     --checkpoint CKPT --eval-set DIR [--eval-set DIR ...] [--out results.json]
+                       [--linear-probe-train DIR] [--format clip_benchmark --out '{dataset}_{task}.json']
+    clip-pipe report   RUN                 redraw RUN/report/index.html from the run's JSON
     clip-pipe serve    --checkpoint CKPT [--host 127.0.0.1] [--port 8000] [--token T | env CLIP_PIPE_TOKEN]
     clip-pipe export   --checkpoint CKPT --out model.pt
 
 CKPT is a run directory (its final model, else its latest checkpoint), a checkpoint directory, or a
 `model.pt` with `open_clip_config.json` beside it. This module only parses arguments; the work is done
-by clip_pipe.classifier, clip_pipe.zeroshot, clip_pipe.serve and clip_pipe.model.
+by clip_pipe.classifier, clip_pipe.eval, clip_pipe.serve and clip_pipe.model.
 """
 
 from __future__ import annotations
@@ -80,24 +82,58 @@ def format_table(rows: list[dict]) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from clip_pipe.checkpoints import resolve_model_file
+    from clip_pipe.eval import embed, format_results, read_eval_set, score, to_clip_benchmark
     from clip_pipe.model import load_export
-    from clip_pipe.zeroshot import evaluate, format_results, read_eval_set
 
     device = args.device or default_device()
-    eval_sets = [read_eval_set(path) for path in args.eval_set]
+    eval_sets = [read_eval_set(path) for path in args.eval_set]  # each set's kind is read from its files
+    probe_set = read_eval_set(args.linear_probe_train) if args.linear_probe_train else None
+    if args.format == "clip_benchmark" and not args.out:
+        raise ValueError("--format clip_benchmark writes files: give --out, e.g. '{dataset}_{task}.json'")
     model_file = resolve_model_file(args.checkpoint)
     encoder = load_export(model_file)
     model = encoder.model.to(device)
     print(f"checkpoint: {model_file}")
-    results = {}
-    for eval_set in eval_sets:
-        r = evaluate(
+
+    def embed_set(eval_set):
+        return embed(
             model, encoder.preprocess_val, encoder.tokenizer, eval_set, args.batch_size, device=device
         )
-        results[eval_set.name] = r
+
+    probe = embed_set(probe_set) if probe_set else None
+    results = {}
+    for eval_set in eval_sets:
+        results[eval_set.name] = r = score(embed_set(eval_set), probe)
         print(format_results(r))
-    if args.out:
+    if args.format == "clip_benchmark":
+        records = to_clip_benchmark(results, args.model_name or _model_name(model_file), str(model_file))
+        paths = [Path(args.out.format(dataset=r["dataset"], task=r["task"])) for r in records]
+        if len(set(paths)) < len(paths):
+            raise ValueError(
+                f"--out {args.out}: several results, one file; put {{dataset}} and {{task}} in it"
+            )
+        for path, record in zip(paths, records, strict=True):
+            path.write_text(json.dumps(record))
+            print(f"wrote {path}")
+    elif args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _model_name(model_file: Path) -> str:
+    """The model's name from the run's config.yaml (the model may sit in the run or a checkpoint in it)."""
+    import yaml
+
+    for folder in (model_file.parent, *model_file.parent.parents[:2]):
+        if (folder / "config.yaml").is_file():
+            return yaml.safe_load((folder / "config.yaml").read_text())["model"]["name"]
+    return model_file.parent.name
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from clip_pipe.eval.report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
     return 0
 
 
@@ -163,11 +199,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--batch-size", type=int, default=64)
     sub.add_argument("--device", help="default: cuda if available, else cpu")
 
-    sub = command("eval", cmd_eval, "zero-shot accuracy on eval sets (CLIP_benchmark layout)")
-    sub.add_argument("--eval-set", action="append", required=True, help="eval set folder (repeatable)")
+    sub = command(
+        "eval", cmd_eval, "zero-shot classification, retrieval, clustering and geometry on eval sets"
+    )
+    sub.add_argument(
+        "--eval-set", action="append", required=True,
+        help="eval set folder (repeatable): CLIP_benchmark layout, or a make_shards.py folder for retrieval",
+    )  # fmt: skip
+    sub.add_argument(
+        "--linear-probe-train", help="labelled set to fit a linear probe on (scored on each set)"
+    )
     sub.add_argument("--batch-size", type=int, default=256)
     sub.add_argument("--device", help="default: cuda if available, else cpu")
-    sub.add_argument("--out", help="also write the results as JSON here")
+    sub.add_argument(
+        "--out", help="write the results as JSON here ({dataset} and {task} with clip_benchmark)"
+    )
+    sub.add_argument(
+        "--format", choices=("clip-pipe", "clip_benchmark"), default="clip-pipe",
+        help="clip_benchmark: one CLIP_benchmark result file per set and task",
+    )  # fmt: skip
+    sub.add_argument(
+        "--model-name", help="the `model` of CLIP_benchmark results (default: the run's model.name)"
+    )
+
+    sub = commands.add_parser("report", help="redraw RUN/report/index.html from the run's JSON")
+    sub.set_defaults(fn=cmd_report)
+    sub.add_argument("run_dir", metavar="RUN")
 
     sub = command("serve", cmd_serve, "the HTTP zero-shot API (FastAPI + uvicorn)")
     sub.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1: this machine only")

@@ -105,7 +105,13 @@ class LossConfig:
 @dataclass
 class EvalConfig:
     sets: list[str] = field(default_factory=list)
-    """Zero-shot eval sets in CLIP_benchmark's WebDataset layout (see `data_prep/make_eval_set.py`)."""
+    """Zero-shot classification sets in CLIP_benchmark's WebDataset layout (`data_prep/make_eval_set.py`)."""
+    retrieval_sets: list[str] = field(default_factory=list)
+    """Image-text retrieval sets: held-out folders written by `data_prep/make_shards.py` (several captions
+    per image grouped by `--group-col`, or by identical images), or CLIP_benchmark retrieval sets."""
+    linear_probe_train: str | None = None
+    """A labelled set (a make_shards.py folder written with `--label-col`, or a CLIP_benchmark set) to fit
+    a linear probe on frozen image features; it is scored on every eval set with labels."""
     batch_size: int = 256
     """Images per rank per forward pass during evaluation."""
     every_steps: int = 0
@@ -114,6 +120,8 @@ class EvalConfig:
     def __post_init__(self):
         if isinstance(self.sets, str):
             self.sets = [self.sets]
+        if isinstance(self.retrieval_sets, str):
+            self.retrieval_sets = [self.retrieval_sets]
         _check(self.batch_size >= 1, "eval.batch_size must be >= 1")
         _check(self.every_steps >= 0, "eval.every_steps must be >= 0")
 

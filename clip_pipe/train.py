@@ -1,9 +1,11 @@
-"""The training loop: one readable `while step < num_steps` loop that ends with zero-shot evaluation.
+"""The training loop: one readable `while step < num_steps` loop that ends with evaluation and a report.
 
 Run directory (`run.out_dir`):
     config.yaml         the resolved config        ds_config.json   the DeepSpeed config it generated
     train.log           the log                    metrics.jsonl    one record per logged step / eval
-    training.png        loss, lr, throughput       zeroshot.json    final zero-shot results per eval set
+    training.png        loss, lr, throughput       eval.json        final results of every eval set
+    zeroshot.json       the classification sets' part of eval.json, as before eval.json existed
+    report/             index.html (self-contained) and its PNGs; figures.json holds their data
     checkpoints/        resumable DeepSpeed checkpoints, each with an exported `model.pt`
     model.pt + open_clip_config.json               the final model, loadable by open_clip
 """
@@ -30,10 +32,12 @@ from clip_pipe.config import OptimConfig, TrainConfig, save_config
 from clip_pipe.data import ImageTextStream, LoaderPosition, batch_loader, list_shards
 from clip_pipe.distributed import env_from_os, threads_per_rank
 from clip_pipe.engine import Engine, init_process_group
+from clip_pipe.eval import configured_sets, embed, format_results, logged_metrics, score_on_main
+from clip_pipe.eval.figures import figure_data
+from clip_pipe.eval.report import write_report
 from clip_pipe.losses import MAX_LOGIT_SCALE, build_loss
 from clip_pipe.metrics import MetricsLog, plot_metrics, setup_logging
 from clip_pipe.model import DualEncoder, build_model, save_export
-from clip_pipe.zeroshot import evaluate, format_results, read_eval_set
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     setup_logging(run_dir, env.is_main)
     # Fail on a bad path now, not after the process group and model are up.
     shards = list_shards(cfg.data.train)
-    eval_sets = [read_eval_set(path) for path in cfg.eval.sets]
+    eval_sets, probe_set = configured_sets(cfg.eval)
 
     init_process_group(env)
     torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
@@ -197,47 +201,63 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
             )
             raise Preempted(step, checkpoint_dir / f"step_{step:08d}")
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.run.steps:
-            run_zeroshot(engine, encoder, eval_sets, cfg, env, step, metrics)
+            run_eval(engine, encoder, eval_sets, probe_set, cfg, env, step, metrics)
     progress.close()
     train_seconds = time.perf_counter() - start_time
 
-    results = run_zeroshot(engine, encoder, eval_sets, cfg, env, step, metrics)
+    results, figures = run_eval(engine, encoder, eval_sets, probe_set, cfg, env, step, metrics, figures=True)
     num_skipped = int(_sum_over_ranks(num_skipped, env.world_size, engine.device))
     weights = engine.export_state_dict()  # collective: ZeRO-3 gathers the partitions onto rank 0
     if env.is_main:
-        (run_dir / "zeroshot.json").write_text(json.dumps(results, indent=2))
+        (run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+        classification = {k: r for k, r in results.items() if r["kind"] == "classification"}
+        (run_dir / "zeroshot.json").write_text(json.dumps(classification, indent=2))
+        (run_dir / "report").mkdir(exist_ok=True)
+        (run_dir / "report" / "figures.json").write_text(json.dumps(figures))
         save_export(engine.module, encoder.model_cfg, run_dir, state=weights)
         plot_metrics(metrics.read(), run_dir / "training.png")
+        write_report(run_dir)
         log.info(
             "done: %d steps in %.0f s (%.0f samples/s overall), %d training samples skipped as unreadable; "
             "run dir %s", step - start_step, train_seconds, (step - start_step) * global_batch / train_seconds,
             num_skipped, run_dir,
         )  # fmt: skip
         for r in results.values():
-            log.info("zero-shot  %s", format_results(r))
+            log.info("eval  %s", format_results(r))
+        log.info("report: %s", run_dir / "report" / "index.html")
     return results
 
 
-def run_zeroshot(engine, encoder, eval_sets, cfg: TrainConfig, env, step: int, metrics: MetricsLog) -> dict:
-    """Evaluate on every eval set; all ranks take part, each on its share of the images."""
-    results = {}
+def run_eval(
+    engine, encoder, eval_sets, probe_set, cfg: TrainConfig, env, step: int, metrics: MetricsLog,
+    figures: bool = False,
+) -> tuple[dict, dict]:  # fmt: skip
+    """Evaluate every eval set: all ranks embed their share, rank 0 scores. Returns the results (every
+    rank) and, with `figures`, the data for the report's pictures (rank 0)."""
+
+    embedded = {}  # a folder that is both the probe's training set and an eval set is embedded once
+
+    def embed_set(eval_set):
+        key = tuple(eval_set.shard_urls)
+        if key not in embedded:
+            embedded[key] = embed(
+                engine.module, encoder.preprocess_val, encoder.tokenizer, eval_set, cfg.eval.batch_size,
+                env.rank, env.world_size, engine.device, engine.dtype,
+            )  # fmt: skip
+        return embedded[key]
+
+    probe = embed_set(probe_set) if probe_set is not None else None
+    results, figure_sets = {}, {}
     for eval_set in eval_sets:
-        r = evaluate(
-            engine.module, encoder.preprocess_val, encoder.tokenizer, eval_set, cfg.eval.batch_size,
-            env.rank, env.world_size, engine.device, engine.dtype,
-        )  # fmt: skip
+        emb = embed_set(eval_set)
+        r = score_on_main(emb, probe, env.rank, env.world_size)
         results[eval_set.name] = r
-        log.info("zero-shot @ step %d  %s", step, format_results(r))
+        log.info("eval @ step %d  %s", step, format_results(r))
         if env.is_main:
-            metrics.write(
-                {
-                    "step": step,
-                    "eval_set": eval_set.name,
-                    "zeroshot_top1": r["top1"],
-                    "zeroshot_top5": r["top5"],
-                }
-            )
-    return results
+            metrics.write({"step": step, "eval_set": eval_set.name, **logged_metrics(r)})
+            if figures:
+                figure_sets[eval_set.name] = figure_data(emb, eval_set)
+    return results, figure_sets
 
 
 def save_checkpoint(

@@ -25,6 +25,11 @@ def main():
     parser.add_argument("--image-col", default="image")
     parser.add_argument("--caption-col", default="caption")
     parser.add_argument("--label-col", default=None, help="integer class column, written as key.cls")
+    parser.add_argument(
+        "--group-col", default=None,
+        help="column naming each row's image (e.g. image_id), written as key.json's group: rows sharing it are "
+        "one image with several captions in a retrieval eval set (default: grouped by identical image bytes)",
+    )  # fmt: skip
     parser.add_argument("--shard-size", type=int, default=1000, help="input rows per shard")
     parser.add_argument("--prefix", default="shard", help="shards are named {prefix}-000000.tar ...")
     parser.add_argument("--image-size", type=int, default=224, help="shorter side of the stored JPEG")
@@ -74,6 +79,7 @@ def main():
             "url_col": args.url_col,
             "caption_col": args.caption_col,
             "label_col": args.label_col,
+            **({"group_col": args.group_col} if args.group_col else {}),
         }
         inputs = {
             "tables": [[str(p.resolve()), p.stat().st_size] for p in tables],

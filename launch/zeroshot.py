@@ -1,4 +1,4 @@
-"""Zero-shot classification of a checkpoint on an eval set (CLIP_benchmark WebDataset layout).
+"""Evaluate a checkpoint on eval sets of any kind (zero-shot classification, retrieval; see README).
 
     python launch/zeroshot.py --checkpoint RUN_OR_FILE --eval-set DIR [--eval-set DIR ...] [--out FILE]
 

@@ -26,9 +26,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 # Debian packages: the real data (Fashion-MNIST; Tux Paint stamps, GPL-2, and Noto Color Emoji, OFL, which
-# are built into shards here and never committed; libcairo2 renders their SVGs) and a SLURM cluster the tests run on loopback.
+# are built into shards here and never committed; libcairo2 renders their SVGs), a SLURM cluster the tests run on loopback,
+# and the headless browser a test renders the run report in.
 APT_PACKAGES="dataset-fashion-mnist tuxpaint-stamps-default fonts-noto-color-emoji unicode-data libcairo2
-    slurmctld slurmd slurm-client munge"
+    slurmctld slurmd slurm-client munge chromium"
 missing=""
 for pkg in $APT_PACKAGES; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"

@@ -71,7 +71,7 @@ def test_user_error_is_one_line_without_traceback():
         (["classify", "--checkpoint", "{model}", "--labels", "cat,cat", "x.jpg"], "error: duplicate labels"),
         (["classify", "--checkpoint", "{model}", "--labels", "cat", "--template", "a", "x"], "needs {c}"),
         (["export", "--checkpoint", "{model}", "--out", "{model}"], "is the checkpoint itself"),
-        (["eval", "--checkpoint", "{model}", "--eval-set", "no/such/set"], "missing classnames.txt"),
+        (["eval", "--checkpoint", "{model}", "--eval-set", "no/such/set"], "no/such/set: no such folder"),
     ],
 )
 def test_user_errors_in_process(color_model, capsys, args, message):

@@ -10,6 +10,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from clip_pipe.eval.sets import read_eval_set
 from clip_pipe.prep.fashion_mnist import (
     CLASSNAMES,
     DEFAULT_ROOT,
@@ -22,7 +23,6 @@ from clip_pipe.prep.fashion_mnist import (
     val_indices,
 )
 from clip_pipe.prep.idx import read_idx
-from clip_pipe.zeroshot import read_eval_set
 
 needs_data = pytest.mark.skipif(
     not (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file(),

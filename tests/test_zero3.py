@@ -1,4 +1,4 @@
-"""ZeRO-3 end to end: 2-rank training with partitioned parameters, zero-shot eval, and export.
+"""ZeRO-3 end to end: 2-rank training with partitioned parameters, evaluation, the report, and export.
 
 Under ZeRO-3 every forward pass gathers parameter slices from every rank, so evaluation deadlocks
 unless all ranks run the same number of forward passes. The eval set here has 41 images: the ranks'
@@ -13,9 +13,10 @@ import json
 import pytest
 
 from clip_pipe.config import load_config
+from clip_pipe.eval import evaluate, read_eval_set
 from clip_pipe.model import load_export
-from clip_pipe.zeroshot import evaluate, read_eval_set
 from tests.conftest import REPO, run_ranks, write_eval_set
+from tests.eval_helpers import write_pairs_set
 from tests.test_engine import partition_everything
 
 pytestmark = pytest.mark.slow
@@ -29,18 +30,32 @@ def _train(rank: int, world_size: int, overrides: list[str]) -> None:
 
 def test_zero3_trains_evaluates_and_exports(tmp_path, color_shards):
     eval_set = write_eval_set(tmp_path / "eval", num_samples=41)
+    pairs = write_pairs_set(tmp_path / "pairs", num_images=9)
     run_dir = tmp_path / "run"
     overrides = [
         f"data.train={color_shards}", f"eval.sets=[{eval_set}]", f"run.out_dir={run_dir}",
+        f"eval.retrieval_sets=[{pairs}]", f"eval.linear_probe_train={pairs}",
         f"run.deepspeed_config={partition_everything(tmp_path)}", "run.zero_stage=3", "run.steps=6",
         "run.checkpoint_every=3", "run.threads_per_rank=1", "eval.batch_size=4", "eval.every_steps=3",
     ]  # fmt: skip
     run_ranks(_train, 2, overrides, timeout=300)
 
-    results = json.loads((run_dir / "zeroshot.json").read_text())["eval"]
+    everything = json.loads((run_dir / "eval.json").read_text())
+    results = everything["eval"]
     assert results["num_samples"] == 41 and results["num_skipped"] == 0
+    assert json.loads((run_dir / "zeroshot.json").read_text()) == {"eval": results}  # still written
+    assert everything["pairs"]["num_images"] == 9 and "linear_probe_top1" in results
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "zeroshot_top1" in r] == [3, 6]
+    assert [(r["step"], r["eval_set"]) for r in records if "alignment" in r] == [
+        (3, "eval"),
+        (3, "pairs"),
+        (6, "eval"),
+        (6, "pairs"),
+    ]
+    assert [r["step"] for r in records if "image_retrieval_recall@1" in r] == [3, 6]
+    assert (run_dir / "report" / "index.html").read_text().count("data:image/png;base64,") == 8
+    assert (run_dir / "report" / "pairs_retrieval.png").is_file()
     assert all(r["logit_scale"] > 1 for r in records if "loss" in r)  # gathered, not an empty slice
 
     # The exported model.pt is whole: open_clip loads it (strictly), and a one-process evaluation of

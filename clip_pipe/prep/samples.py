@@ -22,6 +22,7 @@ class Row:
     extra: dict = field(default_factory=dict)  # JSON-safe values copied into key.json
     source: str | None = None  # how key.json and rejected.csv name the image; defaults to the path
     url: str | None = None  # http(s) URL to download the image from (then `image` is unused)
+    group: str | None = None  # rows of one image share it (several captions); key.json's "group"
 
     @property
     def key(self) -> str:
@@ -118,6 +119,8 @@ def sample_fields(row: Row, cfg: EncodeConfig, data: bytes | None = None) -> dic
         }
         if label is not None:
             meta["label"] = label
+        if row.group is not None:
+            meta["group"] = row.group
         fields["txt"] = caption.encode()
         fields["json"] = json.dumps(meta, ensure_ascii=False, allow_nan=False, sort_keys=True).encode()
     if label is not None:

@@ -101,23 +101,26 @@ def stream_rows(
     url_col: str | None = None,
     caption_col: str | None = None,
     label_col: str | None = None,
+    group_col: str | None = None,
     chunk_rows: int = 10_000,
 ) -> Iterator[Row]:
     """Rows of all `paths` in order, numbered across files, read `chunk_rows` at a time. Every table's
     columns are checked before the first row is returned."""
     assert (image_col is None) != (url_col is None), "exactly one of image_col and url_col"
     text_columns = tuple(c for c in (image_col, url_col, caption_col) if c is not None)
-    wanted = [c for c in (image_col, url_col, caption_col, label_col) if c is not None]
+    wanted = [c for c in (image_col, url_col, caption_col, label_col, group_col) if c is not None]
     for path in paths:
         columns = list(next(read_chunks(path, text_columns, 1), pd.DataFrame()).columns)
         missing = [c for c in wanted if c not in columns]
         if missing:
             available = ", ".join(map(repr, columns)) or "none"
             raise ValueError(f"{path}: column {missing[0]!r} not found; available columns: {available}")
-    return _stream_rows(paths, image_col or url_col, url_col is not None, caption_col, label_col, chunk_rows)
+    return _stream_rows(
+        paths, image_col or url_col, url_col is not None, caption_col, label_col, group_col, chunk_rows
+    )
 
 
-def _stream_rows(paths, image_col, urls, caption_col, label_col, chunk_rows) -> Iterator[Row]:
+def _stream_rows(paths, image_col, urls, caption_col, label_col, group_col, chunk_rows) -> Iterator[Row]:
     index = 0
     text_columns = tuple(c for c in (image_col, caption_col) if c is not None)
     for path in paths:
@@ -128,6 +131,7 @@ def _stream_rows(paths, image_col, urls, caption_col, label_col, chunk_rows) -> 
                     image_col=image_col,
                     caption_col=caption_col,
                     label_col=label_col,
+                    group_col=group_col,
                     start=index,
                     urls=urls,
                 )
@@ -143,12 +147,14 @@ def table_rows(
     image_col: str,
     caption_col: str | None = None,
     label_col: str | None = None,
+    group_col: str | None = None,
     start: int = 0,
     urls: bool = False,
 ) -> list[Row]:
     """One Row per table row, in order, numbered from `start`; every other column is kept as JSON-safe
-    `extra`. With `urls`, the image column holds URLs to download rather than paths."""
-    used = [c for c in (image_col, caption_col, label_col) if c is not None]
+    `extra`. With `urls`, the image column holds URLs to download rather than paths. `group_col` names
+    the image a row's caption belongs to (rows of one image share it), for retrieval eval sets."""
+    used = [c for c in (image_col, caption_col, label_col, group_col) if c is not None]
     for column in used:
         if column not in table.columns:
             available = ", ".join(map(repr, table.columns)) or "none"
@@ -167,6 +173,7 @@ def table_rows(
                 url=image if urls else None,
                 caption=None if caption is None else str(caption),
                 label=None if label_col is None else _missing_to_none(record[label_col]),
+                group=None if group_col is None else str(_missing_to_none(record[group_col])),
                 extra={str(c): json_safe(record[c]) for c in extra_cols},
             )
         )
