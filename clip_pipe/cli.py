@@ -104,6 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
+    from clip_pipe.checkpoints import resolve_model_file
     from clip_pipe.classifier import ZeroShotClassifier
     from clip_pipe.limits import TOKEN_ENV, ServeLimits
     from clip_pipe.serve import serve
@@ -112,9 +113,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
     token = args.token or os.environ.get(TOKEN_ENV) or None
     clf = ZeroShotClassifier.from_checkpoint(args.checkpoint, device=args.device or default_device())
+    # The run's name, as OpenAI clients pass it in `model`: runs/colors -> "colors".
+    name = args.served_model_name or resolve_model_file(args.checkpoint).parent.name
     auth = "bearer token required" if token else "no auth"
-    print(f"serving on http://{args.host}:{args.port} ({auth}; docs at /docs)", file=sys.stderr, flush=True)
-    serve(clf, args.host, args.port, token, limits, args.max_batch, args.max_wait_ms)
+    print(
+        f"serving {name!r} on http://{args.host}:{args.port} ({auth}; docs at /docs)", file=sys.stderr, flush=True
+    )
+    serve(clf, args.host, args.port, token, limits, args.max_batch, args.max_wait_ms, args.max_queue, name)
     return 0
 
 
@@ -176,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--device", help="default: cuda if available, else cpu")
     sub.add_argument("--max-batch", type=int, default=32, help="most images per forward pass")
     sub.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
+    sub.add_argument(
+        "--max-queue", type=int, default=256, help="images and texts waiting; past it, requests get a 429"
+    )
+    sub.add_argument("--served-model-name", help="the `model` of /v1/embeddings (default: the run's name)")
     for f in dataclasses.fields(ServeLimits):
         sub.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
 
