@@ -2,7 +2,8 @@
 
 Middleware, outermost first: `RequestMetrics` (every request counted, refused ones too), then `Guard`
 (token and body size, before the body is read). Bad input is a 4xx JSON error
-`{"error": code, "detail": message}`, never a 500; a full queue is a 429 with `Retry-After`.
+`{"error": code, "detail": message}` (OpenAI's shape on OpenAI's routes), never a 500; a full queue is
+a 429 with `Retry-After`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from clip_pipe.classifier import ZeroShotClassifier
 from clip_pipe.limits import FORM_SLACK_BYTES, ServeLimits
 from clip_pipe.serve.batcher import Batcher, Overloaded
 from clip_pipe.serve.forms import IMAGE_ERRORS, ApiError, base64_budget
-from clip_pipe.serve.guard import Guard
+from clip_pipe.serve.guard import Guard, error_body
 from clip_pipe.serve.metrics import RequestMetrics, ServeMetrics
 from clip_pipe.serve.routes import Served, router
 
@@ -30,8 +31,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "clip-pipe"
 
 
-def error_response(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+def error_response(request: Request, status: int, code: str, detail: str, headers=None) -> JSONResponse:
+    body = error_body(request.url.path, status, code, detail)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def body_limits(limits: ServeLimits):
@@ -79,11 +81,11 @@ def create_app(
     async def api_error(request: Request, e: ApiError):
         if e.code in IMAGE_ERRORS:
             metrics.images_rejected.labels(e.code).inc()
-        return error_response(e.status, e.code, e.detail, e.headers)
+        return error_response(request, e.status, e.code, e.detail, e.headers)
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, e: Overloaded):
-        return error_response(429, "overloaded", str(e), {"Retry-After": str(e.retry_after_s)})
+        return error_response(request, 429, "overloaded", str(e), {"Retry-After": str(e.retry_after_s)})
 
     @app.get("/healthz")
     async def healthz() -> dict:
