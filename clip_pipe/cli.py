@@ -117,7 +117,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or resolve_model_file(args.checkpoint).parent.name
     auth = "bearer token required" if token else "no auth"
     print(
-        f"serving {name!r} on http://{args.host}:{args.port} ({auth}; docs at /docs)", file=sys.stderr, flush=True
+        f"serving {name!r} on http://{args.host}:{args.port} ({auth}; docs at /docs)",
+        file=sys.stderr,
+        flush=True,
     )
     serve(clf, args.host, args.port, token, limits, args.max_batch, args.max_wait_ms, args.max_queue, name)
     return 0

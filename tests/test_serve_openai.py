@@ -119,7 +119,7 @@ def test_models_lists_the_served_model(client, server):
 def test_openai_client_sees_4xx_errors(client):
     with pytest.raises(openai.NotFoundError, match="'text-embedding-3-small' is not served here"):
         client.embeddings.create(model="text-embedding-3-small", input="a dog")
-    with pytest.raises(openai.APIStatusError, match="415 - input\[0\]: not a recognised image file"):
+    with pytest.raises(openai.APIStatusError, match=r"415 - input\[0\]: not a recognised image file"):
         client.embeddings.create(model=MODEL, input=[data_url(b"not an image at all")])
 
 
