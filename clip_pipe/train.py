@@ -4,8 +4,8 @@ Run directory (`run.out_dir`):
     config.yaml         the resolved config        ds_config.json   the DeepSpeed config it generated
     train.log           the log                    metrics.jsonl    one record per logged step / eval
     training.png        loss, lr, throughput       zeroshot.json    final zero-shot results per eval set
-    checkpoints/        resumable DeepSpeed checkpoints, each with an exported `model.pt`
-    model.pt + open_clip_config.json               the final model, loadable by open_clip
+    checkpoints/        resumable DeepSpeed checkpoints, each with an exported `model.safetensors`
+    model.safetensors + open_clip_config.json      the final model, loadable by open_clip
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def make_workdir(folder: Path, model_file: Path) -> Path:
     """What the examples assume: runs/colors/ holds the model; red.jpg and blue.jpg are squares."""
     run = folder / "runs" / "colors"
     run.mkdir(parents=True)
-    for name in ("model.pt", "open_clip_config.json"):
+    for name in ("model.safetensors", "open_clip_config.json"):
         shutil.copy(model_file.parent / name, run / name)
     for name, seed in (("red", 1), ("blue", 2)):
         (folder / f"{name}.jpg").write_bytes(color_jpeg(name, random.Random(seed)))
