@@ -114,7 +114,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     engine = Engine(encoder.model, cfg, env.world_size)
     loss_fn = ClipLoss(env.rank, env.world_size)
     global_batch = cfg.data.batch_size * env.world_size
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", cfg.run.report_to)
 
     step, data_start, data_seed = 0, None, cfg.data.seed
     if resume:
