@@ -1,19 +1,23 @@
-"""Load test of the HTTP zero-shot API: micro-batching against one image at a time, interleaved.
+"""Load test of the HTTP API: micro-batching against one request at a time, interleaved.
 
-    python -m bench.serve_load [--model clip-pipe-tiny-28] [--clients 16] [--requests 500] [--rounds 3]
+    python -m bench.serve_load [--route embeddings|classify] [--input image|text] [--model clip-pipe-tiny-28]
+                               [--clients 16] [--requests 500] [--rounds 3]
 
 Each round starts `clip-pipe serve` twice on 127.0.0.1, once with micro-batching (--max-batch 32) and once
 one request at a time (--max-batch 1), alternating which goes first. Both serve the same randomly
 initialised model (throughput does not depend on the weights). `--clients` concurrent clients each send
-`--requests` classify requests (one image, `--num-labels` labels), after a warm-up. Reported per variant:
-requests/s over the whole load, p50 and p99 latency, errors (must be 0), and the mean batch size the
-server formed; then the ratio batched / one-at-a-time per round, median and spread.
+`--requests` requests after a warm-up: `embeddings` (the default) is OpenAI's POST /v1/embeddings with one
+input, a 96x96 JPEG as a base64 data URL or a short text; `classify` is one image with `--num-labels`
+labels. Reported per variant: requests/s over the whole load, p50 and p99 latency, errors (must be 0),
+and the mean batch size the server formed; then the ratio batched / one-at-a-time per round, median and
+spread.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import io
 import statistics
 import subprocess
@@ -40,11 +44,29 @@ def test_image(size: int = 96) -> bytes:
     return buffer.getvalue()
 
 
+MODEL_NAME = "bench"
+
+
+def request_for(args, image: bytes, labels: list[str]) -> dict:
+    """The keyword arguments of one request's `httpx.AsyncClient.post`."""
+    if args.route == "classify":
+        return {
+            "url": "/v1/classify",
+            "files": [("images", ("x.jpg", image, "image/jpeg"))],
+            "data": {"labels": labels},
+        }
+    if args.input == "image":
+        item = "data:image/jpeg;base64," + base64.b64encode(image).decode()
+    else:
+        item = "a photo of a small grey square on a white table"
+    return {"url": "/v1/embeddings", "json": {"model": MODEL_NAME, "input": [item]}}
+
+
 def start_server(checkpoint: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "clip_pipe.cli", "serve", "--checkpoint", str(checkpoint)]
     process = subprocess.Popen(
-        [*command, "--port", str(port), "--max-batch", str(max_batch)],
+        [*command, "--port", str(port), "--max-batch", str(max_batch), "--served-model-name", MODEL_NAME],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -61,18 +83,14 @@ def start_server(checkpoint: Path, max_batch: int) -> tuple[subprocess.Popen, st
         time.sleep(0.2)
 
 
-async def load(url: str, num_clients: int, num_requests: int, image: bytes, labels: list[str]) -> dict:
+async def load(url: str, num_clients: int, num_requests: int, request: dict) -> dict:
     latencies, errors = [], []
 
     async def client(http: httpx.AsyncClient):
         for _ in range(num_requests):
             start = time.perf_counter()
             try:
-                response = await http.post(
-                    "/v1/classify",
-                    files=[("images", ("x.jpg", image, "image/jpeg"))],
-                    data={"labels": labels},
-                )
+                response = await http.post(**request)
                 if response.status_code != 200:
                     errors.append(response.status_code)
                     continue
@@ -97,12 +115,12 @@ async def load(url: str, num_clients: int, num_requests: int, image: bytes, labe
     }
 
 
-def run_variant(checkpoint: Path, max_batch: int, args, image: bytes, labels: list[str]) -> dict:
+def run_variant(checkpoint: Path, max_batch: int, args, request: dict) -> dict:
     process, url = start_server(checkpoint, max_batch)
     try:
-        asyncio.run(load(url, args.clients, args.warmup, image, labels))
+        asyncio.run(load(url, args.clients, args.warmup, request))
         before = httpx.get(f"{url}/healthz").json()
-        result = asyncio.run(load(url, args.clients, args.requests, image, labels))
+        result = asyncio.run(load(url, args.clients, args.requests, request))
         after = httpx.get(f"{url}/healthz").json()
         num_batches = after["num_batches"] - before["num_batches"]
         result["mean_batch"] = (after["num_items"] - before["num_items"]) / max(1, num_batches)
@@ -116,6 +134,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--route", choices=["embeddings", "classify"], default="embeddings")
+    parser.add_argument("--input", choices=["image", "text"], default="image", help="for --route embeddings")
     parser.add_argument("--model", default="clip-pipe-tiny-28")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=500, help="per client")
@@ -125,7 +145,7 @@ def main() -> int:
     args = parser.parse_args()
 
     labels = [f"label number {i}" for i in range(args.num_labels)]
-    image = test_image()
+    request = request_for(args, test_image(), labels)
     results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -134,7 +154,7 @@ def main() -> int:
         for round_index in range(args.rounds):
             order = list(VARIANTS) if round_index % 2 == 0 else list(reversed(VARIANTS))
             for name in order:
-                r = run_variant(checkpoint, VARIANTS[name], args, image, labels)
+                r = run_variant(checkpoint, VARIANTS[name], args, request)
                 results[name].append(r)
                 print(
                     f"round {round_index} {name:14s} {r['throughput']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
@@ -148,9 +168,13 @@ def main() -> int:
     ]
     print()
     print(f"machine: {machine_description()}; torch {torch.__version__}; model {args.model}")
+    what = (
+        f"POST /v1/classify, 1 image of 96x96 JPEG, {args.num_labels} labels"
+        if args.route == "classify"
+        else f"POST /v1/embeddings, 1 {'96x96 JPEG as a data URL' if args.input == 'image' else 'text'}"
+    )
     print(
-        f"load: {args.clients} clients x {args.requests} requests (1 image of 96x96 JPEG, {args.num_labels} labels),"
-        f" {args.rounds} rounds, interleaved"
+        f"load: {args.clients} clients x {args.requests} requests ({what}), {args.rounds} rounds, interleaved"
     )
     print("| server | requests/s | p50 ms | p99 ms | errors | mean batch |")
     print("|---|---|---|---|---|---|")
