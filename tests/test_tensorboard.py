@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from clip_pipe.config import load_config
 from clip_pipe.metrics import MetricsLog
 from tests.conftest import REPO
+from tests.test_readme_examples import check_example
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -59,7 +60,7 @@ def test_off_by_default_and_only_known_choices():
 
 @pytest.mark.slow
 def test_a_training_run_writes_its_curves_to_tensorboard(color_shards, color_eval_set, tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "runs" / "tiny"  # where the README's example looks
     command = [
         sys.executable, "launch/train.py", "--config", "configs/tiny_test.yaml", f"data.train={color_shards}",
         f"eval.sets=[{color_eval_set}]", f"run.out_dir={run_dir}", "run.steps=6", "run.log_every=2",
@@ -82,3 +83,4 @@ def test_a_training_run_writes_its_curves_to_tensorboard(color_shards, color_eva
     for key in ("zeroshot_top1", "zeroshot_top5"):
         assert_points(scalars[f"eval/{name}/{key}"], [(r["step"], r[key]) for r in evals])
     assert len(list((run_dir / "tb").iterdir())) == 1  # one event file, from rank 0
+    check_example("tensorboard", tmp_path)

@@ -126,7 +126,10 @@ def serve(
     """Serve until SIGTERM or SIGINT. Then uvicorn stops listening at once, lets the requests in flight
     finish (for at most `shutdown_timeout_s`), closes idle connections, and returns."""
     import uvicorn
+    from prometheus_client import disable_created_metrics
 
+    # The process is the server's alone: leave out the `*_created` series, which only double the output.
+    disable_created_metrics()
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         log.warning("serving on %s without a token: anyone who can reach this port can use the model", host)
     app = create_app(clf, limits, token, max_batch, max_wait_ms, max_queue, model_name)
