@@ -103,7 +103,7 @@ def zeroshot_top1(name: str, out: Path, eval_set: Path) -> float:
         state["logit_scale"] = state["logit_scale"].reshape(encoder.model.logit_scale.shape)
         encoder.model.load_state_dict(state)
     else:
-        encoder = load_export(out / "model.pt")
+        encoder = load_export(out / "model.safetensors")
     result = evaluate(encoder.model, encoder.preprocess_val, encoder.tokenizer, read_eval_set(eval_set), 512)
     return result["top1"]
 

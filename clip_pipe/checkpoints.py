@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.safetensors"
+HUB_MODEL_FILE = (
+    "open_clip_model.safetensors"  # in an open_clip hub folder (`clip-pipe export --format open_clip-hub`)
+)
+# Read too: hub folders, and run directories written before exports were safetensors.
+MODEL_FILES = (MODEL_FILE, HUB_MODEL_FILE, "model.pt")
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -21,12 +26,13 @@ def resolve_model_file(path: str | Path) -> Path:
         return path
     if not path.is_dir():
         raise ValueError(f"checkpoint not found: {path}")
-    candidates = [path / MODEL_FILE]
+    folders = [path]
     if (latest := latest_checkpoint(path / "checkpoints")) is not None:
-        candidates.append(latest / MODEL_FILE)
+        folders.append(latest)
+    candidates = [folder / name for folder in folders for name in MODEL_FILES]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise ValueError(
-        f"{path} holds no {MODEL_FILE}: give a run directory, a checkpoint directory or a model file"
+        f"{path} holds no {' or '.join(MODEL_FILES)}: give a run directory, a checkpoint directory or a model file"
     )

@@ -1,6 +1,6 @@
 """Zero-shot classification against labels chosen at query time, and embeddings for retrieval.
 
-    clf = ZeroShotClassifier.from_checkpoint("runs/NAME")            # run dir, checkpoint dir or model.pt
+    clf = ZeroShotClassifier.from_checkpoint("runs/NAME")            # run dir, checkpoint dir or model file
     clf.classify(["cat.jpg"], ["cat", "dog", "car"])                 # per image: labels ranked, with probabilities
     clf.embed_images([...]), clf.embed_texts([...])                  # L2-normalised (N, D)
 
@@ -143,7 +143,7 @@ class ZeroShotClassifier:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs):
-        """`path`: a run directory, a checkpoint directory, or a `model.pt` with its config beside it."""
+        """`path`: a run directory, a checkpoint directory, or a model file with its config beside it."""
         return cls(load_export(resolve_model_file(path)), device=device, **kwargs)
 
     def load_image(self, source: ImageInput) -> Image.Image:

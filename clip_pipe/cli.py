@@ -5,11 +5,11 @@
                        [--linear-probe-train DIR] [--format clip_benchmark --out '{dataset}_{task}.json']
     clip-pipe report   RUN                 redraw RUN/report/index.html from the run's JSON
     clip-pipe serve    --checkpoint CKPT [--host 127.0.0.1] [--port 8000] [--token T | env CLIP_PIPE_TOKEN]
-    clip-pipe export   --checkpoint CKPT --out model.pt
+    clip-pipe export   --checkpoint CKPT [--format open_clip-hub] OUT
 
 CKPT is a run directory (its final model, else its latest checkpoint), a checkpoint directory, or a
-`model.pt` with `open_clip_config.json` beside it. This module only parses arguments; the work is done
-by clip_pipe.classifier, clip_pipe.eval, clip_pipe.serve and clip_pipe.model.
+model file (model.safetensors, model.pt) with `open_clip_config.json` beside it. This module only parses
+arguments; the work is done by clip_pipe.classifier, clip_pipe.eval, clip_pipe.serve and clip_pipe.model.
 """
 
 from __future__ import annotations
@@ -140,6 +140,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
+    from clip_pipe.checkpoints import resolve_model_file
     from clip_pipe.classifier import ZeroShotClassifier
     from clip_pipe.limits import TOKEN_ENV, ServeLimits
     from clip_pipe.serve import serve
@@ -148,9 +149,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = ServeLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeLimits)})
     token = args.token or os.environ.get(TOKEN_ENV) or None
     clf = ZeroShotClassifier.from_checkpoint(args.checkpoint, device=args.device or default_device())
+    # The run's name, as OpenAI clients pass it in `model`: runs/colors -> "colors".
+    name = args.served_model_name or resolve_model_file(args.checkpoint).parent.name
     auth = "bearer token required" if token else "no auth"
-    print(f"serving on http://{args.host}:{args.port} ({auth}; docs at /docs)", file=sys.stderr, flush=True)
-    serve(clf, args.host, args.port, token, limits, args.max_batch, args.max_wait_ms)
+    print(
+        f"serving {name!r} on http://{args.host}:{args.port} ({auth}; docs at /docs)",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve(clf, args.host, args.port, token, limits, args.max_batch, args.max_wait_ms, args.max_queue, name)
     return 0
 
 
@@ -158,16 +165,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     from clip_pipe.checkpoints import resolve_model_file
     from clip_pipe.model import OPEN_CLIP_CONFIG, load_export, save_export
 
-    source = resolve_model_file(args.checkpoint)
-    out = Path(args.out)
+    if not (args.out or args.out_path):
+        raise ValueError("say where to write: clip-pipe export --checkpoint CKPT OUT")
+    source, out = resolve_model_file(args.checkpoint), Path(args.out or args.out_path)
+    encoder = load_export(source)
+    if args.format == "open_clip-hub":
+        from clip_pipe.hub import export_hub
+
+        if out.resolve() == source.parent.resolve():
+            raise ValueError(f"{out} is the checkpoint's own folder; pick another")
+        path = export_hub(encoder, out, source)
+        print(f"wrote {path}, {out / OPEN_CLIP_CONFIG} and {out / 'README.md'} (from {source})")
+        print(f'open_clip: open_clip.create_model_and_transforms("local-dir:{out}")')
+        return 0
     if out.resolve() == source.resolve():
         raise ValueError(f"--out {out} is the checkpoint itself; pick another path")
-    encoder = load_export(source)
     path = save_export(encoder.model, encoder.model_cfg, out.parent, out.name)
     print(f"wrote {path} and {path.parent / OPEN_CLIP_CONFIG} (from {source})")
     print(f'open_clip: open_clip.create_model("local-dir:{path.parent}") if the file is named')
     print(
-        "  open_clip_pytorch_model.bin, or open_clip.create_model(NAME, pretrained=PATH) for a registered NAME"
+        "  open_clip_model.safetensors or open_clip_pytorch_model.bin, "
+        "or open_clip.create_model(NAME, pretrained=PATH) for a registered NAME"
     )
     return 0
 
@@ -183,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, fn, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(fn=fn)
-        sub.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, or model.pt")
+        sub.add_argument("--checkpoint", required=True, help="run dir, checkpoint dir, or model file")
         return sub
 
     sub = command("classify", cmd_classify, "rank labels for each image")
@@ -233,11 +251,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--device", help="default: cuda if available, else cpu")
     sub.add_argument("--max-batch", type=int, default=32, help="most images per forward pass")
     sub.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
+    sub.add_argument(
+        "--max-queue", type=int, default=256, help="images and texts waiting; past it, requests get a 429"
+    )
+    sub.add_argument("--served-model-name", help="the `model` of /v1/embeddings (default: the run's name)")
     for f in dataclasses.fields(ServeLimits):
         sub.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
 
-    sub = command("export", cmd_export, "write an open_clip state dict (+ open_clip_config.json)")
-    sub.add_argument("--out", required=True, help="the file to write, e.g. exported/model.pt")
+    sub = command(
+        "export", cmd_export, "write an open_clip state dict or hub folder (+ open_clip_config.json)"
+    )
+    sub.add_argument(
+        "out_path", nargs="?", metavar="OUT", help="a file (state_dict) or a folder (open_clip-hub)"
+    )
+    sub.add_argument("--out", help="the same as OUT")
+    sub.add_argument(
+        "--format",
+        choices=["state_dict", "open_clip-hub"],
+        default="state_dict",
+        help="state_dict: one file, safetensors if OUT ends in .safetensors, else a torch pickle; "
+        "open_clip-hub: a folder open_clip loads as local-dir:OUT, with a model card",
+    )
     return parser
 
 

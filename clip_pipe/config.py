@@ -147,6 +147,8 @@ class RunConfig:
     """torch intra-op threads per rank; 0 splits the machine's cores evenly between local ranks."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON merged over the one generated from this config, for deliberate overrides."""
+    report_to: list[Literal["tensorboard"]] = field(default_factory=list)
+    """Also log the training curves and eval metrics there (rank 0): `tensorboard` writes RUN/tb/."""
 
     def __post_init__(self):
         _check(self.steps >= 1, "run.steps must be >= 1")
@@ -240,7 +242,7 @@ def from_dict(cls, raw: dict, prefix: str = ""):
 def _coerce(value, hint, key: str):
     """Return `value` as type `hint`, or raise a ValueError naming `key`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Literal:
+    if origin is Literal:
         if value not in args:
             raise ValueError(f"config key {key!r} must be one of {list(args)}, got {value!r}")
         return value

@@ -1,4 +1,5 @@
-"""Run-directory records a person can open: metrics.jsonl, a PNG of the curves, a log file."""
+"""Run-directory records a person can open: metrics.jsonl, a PNG of the curves, a log file, and
+(`run.report_to: [tensorboard]`) TensorBoard event files in RUN/tb/."""
 
 from __future__ import annotations
 
@@ -23,14 +24,20 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
 
 
 class MetricsLog:
-    """Append-only JSON lines; a resumed run continues the same file."""
+    """Append-only JSON lines; a resumed run continues the same file.
 
-    def __init__(self, path: Path):
+    `report_to`: where each record also goes (`tensorboard`: RUN/tb/, beside the JSON lines).
+    """
+
+    def __init__(self, path: Path, report_to: list[str] = ()):
         self.path = path
+        self.tensorboard = TensorBoardLog(path.parent / "tb") if "tensorboard" in report_to else None
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
 
     def read(self) -> list[dict]:
         if not self.path.is_file():
@@ -41,6 +48,30 @@ class MetricsLog:
         """Drop records past `step`: a run resumed from an older checkpoint redoes those steps."""
         kept = [r for r in self.read() if r.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.tensorboard is not None:
+            self.tensorboard.purge_step = step + 1
+
+
+class TensorBoardLog:
+    """The same records as TensorBoard scalars: `train/loss`, `train/lr`, ..., `eval/SET/top1`, ...
+
+    The event file is opened on the first record, so only the rank that writes records creates one.
+    After a resume, `purge_step` makes TensorBoard drop the old run's points past the checkpoint.
+    """
+
+    def __init__(self, log_dir: Path):
+        self.log_dir, self.purge_step, self.writer = log_dir, None, None
+
+    def write(self, record: dict) -> None:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=self.purge_step)
+        prefix = f"eval/{record['eval_set']}/" if "eval_set" in record else "train/"
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(prefix + key, value, record["step"])
+        self.writer.flush()  # records are minutes apart: a crash loses none
 
 
 def plot_metrics(records: list[dict], path: Path) -> None:

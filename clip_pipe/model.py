@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
+import safetensors.torch
 import torch
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
@@ -132,10 +133,12 @@ def load_weights(model: nn.Module, source: str, model_name: str | None = None) -
                 f"pretrained weights {source!r}: no such file, nor a pretrained tag of {model_name!r}"
             )
         path = Path(open_clip.download_pretrained(tag_cfg))
-    # open_clip's loader reads with weights_only=True and reshapes a 0-dim logit_scale to ours.
+    # open_clip's loader reads .safetensors, or pickles with weights_only=True, and reshapes a 0-dim
+    # logit_scale to ours.
     try:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated, foreign or mismatched
+    # truncated, foreign or mismatched
+    except (RuntimeError, EOFError, pickle.UnpicklingError, safetensors.SafetensorError) as e:
         raise ValueError(f"cannot load weights from {path}: {str(e).splitlines()[0]}") from None
 
 
@@ -154,16 +157,26 @@ def to_export(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_export(
-    model: nn.Module, model_cfg: dict, out_dir: Path, filename: str = "model.pt", state: dict | None = None
+    model: nn.Module,
+    model_cfg: dict,
+    out_dir: Path,
+    filename: str = "model.safetensors",
+    state: dict | None = None,
 ) -> Path:
-    """Write `model.pt` plus `open_clip_config.json` beside it, so the folder describes itself.
+    """Write the weights plus `open_clip_config.json` beside them, so the folder describes itself.
 
-    `state`: the weights to write, if not `model`'s own (e.g. gathered from ZeRO-3 partitions).
+    A `.safetensors` file name (the default) writes safetensors, which loads without unpickling
+    anything; any other name a `torch.save` pickle. `state`: the weights to write, if not `model`'s own
+    (e.g. gathered from ZeRO-3 partitions).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / filename
-    tmp = path.with_suffix(".tmp")
-    torch.save(export_state_dict(model) if state is None else state, tmp)
+    tmp = path.with_name(path.name + ".tmp")
+    weights = export_state_dict(model) if state is None else state
+    if path.suffix == ".safetensors":
+        safetensors.torch.save_file(weights, tmp, metadata={"format": "pt"})
+    else:
+        torch.save(weights, tmp)
     tmp.replace(path)  # atomic: a reader never sees half a file
     config = {"model_cfg": model_cfg, "preprocess_cfg": model.visual.preprocess_cfg}
     (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
@@ -171,7 +184,7 @@ def save_export(
 
 
 def load_export(path: str | Path) -> DualEncoder:
-    """Rebuild a model from a `model.pt` with its `open_clip_config.json` beside it."""
+    """Rebuild a model from weights (`model.safetensors`, `model.pt`) with `open_clip_config.json` beside them."""
     path = Path(path)
     config_path = path.parent / OPEN_CLIP_CONFIG
     if not path.is_file():

@@ -6,8 +6,8 @@ Run directory (`run.out_dir`):
     training.png        loss, lr, throughput       eval.json        final results of every eval set
     zeroshot.json       the classification sets' part of eval.json, as before eval.json existed
     report/             index.html (self-contained) and its PNGs; figures.json holds their data
-    checkpoints/        resumable DeepSpeed checkpoints, each with an exported `model.pt`
-    model.pt + open_clip_config.json               the final model, loadable by open_clip
+    checkpoints/        resumable DeepSpeed checkpoints, each with an exported `model.safetensors`
+    model.safetensors + open_clip_config.json      the final model, loadable by open_clip
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     engine = Engine(encoder.model, cfg, env.world_size)
     loss_fn = build_loss(cfg.loss, env.rank, env.world_size)
     global_batch = cfg.data.batch_size * env.world_size
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", cfg.run.report_to)
 
     step, data_start, data_seed = 0, None, cfg.data.seed
     if resume:

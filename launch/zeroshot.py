@@ -3,7 +3,8 @@
     python launch/zeroshot.py --checkpoint RUN_OR_FILE --eval-set DIR [--eval-set DIR ...] [--out FILE]
 
 The same as `clip-pipe eval`. RUN_OR_FILE: a run directory (its final model, else its latest checkpoint),
-a checkpoint directory, or a `model.pt` with `open_clip_config.json` beside it.
+a checkpoint directory, an open_clip hub folder, or a model file (model.safetensors, model.pt) with
+`open_clip_config.json` beside it.
 """
 
 import sys

@@ -151,7 +151,7 @@ def train_color_export(folder: Path, num_steps: int = 60, seed: int = 0) -> Path
 
 @pytest.fixture(scope="session")
 def color_model(tmp_path_factory) -> Path:
-    """The `model.pt` of a model that tells red, green, blue and yellow squares apart."""
+    """The `model.safetensors` of a model that tells red, green, blue and yellow squares apart."""
     return train_color_export(tmp_path_factory.mktemp("color_model"))
 
 

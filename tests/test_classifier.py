@@ -100,14 +100,15 @@ def test_from_checkpoint_takes_a_run_dir_a_checkpoint_dir_or_a_file(color_model,
     run = tmp_path / "run"
     step = run / "checkpoints" / "step_00000010"
     step.mkdir(parents=True)
-    for name in ("model.pt", "open_clip_config.json"):
+    for name in ("model.safetensors", "open_clip_config.json"):
         shutil.copy(color_model.parent / name, step / name)
     (run / "checkpoints" / "latest").write_text("step_00000010\n")
     image = [color_jpeg("blue", random.Random(2))]
     expected = ZeroShotClassifier.from_checkpoint(color_model).embed_images(image)
-    for source in (run, step, step / "model.pt"):  # a run without a final model: its latest checkpoint
+    # A run without a final model: its latest checkpoint
+    for source in (run, step, step / "model.safetensors"):
         torch.testing.assert_close(ZeroShotClassifier.from_checkpoint(source).embed_images(image), expected)
-    with pytest.raises(ValueError, match=r"holds no model\.pt"):
+    with pytest.raises(ValueError, match=r"holds no model\.safetensors"):
         ZeroShotClassifier.from_checkpoint(tmp_path)
 
 

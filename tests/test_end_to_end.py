@@ -102,7 +102,7 @@ def test_prep_train_two_ranks_and_evaluate(tmp_path):
         "ds_config.json",
         "train.log",
         "training.png",
-        "model.pt",
+        "model.safetensors",
         "open_clip_config.json",
     ):
         assert (run_dir / name).is_file(), name

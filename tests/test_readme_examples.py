@@ -1,4 +1,5 @@
-"""The README's zero-shot examples, run as written against a live server, with the output it shows."""
+"""The README's zero-shot, serving and export examples, run as written against a live server, with the
+output it shows. (Its TensorBoard example runs in tests/test_tensorboard.py, after a training run.)"""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from conftest import REPO, LiveServer, color_jpeg
 EXAMPLE = re.compile(r"<!-- example: (\w+) -->\n```(\w+)\n(.*?)```", re.S)
 OUTPUT = re.compile(r"<!-- output: (\w+) -->\n```text\n(.*?)```", re.S)
 NUMBER = re.compile(r"-?\d+\.\d+(?:e-?\d+)?")
+# Examples that use what another example made: run that one first.
+NEEDS = {"open_clip": ["export"]}
 
 
 def readme_examples() -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
@@ -28,7 +31,7 @@ def make_workdir(folder: Path, model_file: Path) -> Path:
     """What the examples assume: runs/colors/ holds the model; red.jpg and blue.jpg are squares."""
     run = folder / "runs" / "colors"
     run.mkdir(parents=True)
-    for name in ("model.pt", "open_clip_config.json"):
+    for name in ("model.safetensors", "open_clip_config.json"):
         shutil.copy(model_file.parent / name, run / name)
     for name, seed in (("red", 1), ("blue", 2)):
         (folder / f"{name}.jpg").write_bytes(color_jpeg(name, random.Random(seed)))
@@ -66,14 +69,22 @@ def server(workdir):
         yield live
 
 
-@pytest.mark.parametrize("name", ["python", "cli", "curl", "httpx"])
-def test_readme_example_runs_and_prints_what_the_readme_shows(name, workdir, server):
+def check_example(name: str, workdir: Path, port: int = 0) -> None:
     examples, outputs = readme_examples()
+    for needed in NEEDS.get(name, []):
+        assert run_example(*examples[needed], workdir, port).returncode == 0
     lang, code = examples[name]
-    proc = run_example(lang, code, workdir, server.port)
+    proc = run_example(lang, code, workdir, port)
     assert proc.returncode == 0, proc.stderr
     words, numbers = split_numbers(proc.stdout)
     expected_words, expected_numbers = split_numbers(outputs[name])
     assert words == expected_words, proc.stdout
     # Probabilities to 2 decimals: the same model on another CPU may differ in the last float bits.
     assert numbers == pytest.approx(expected_numbers, abs=0.02), proc.stdout
+
+
+@pytest.mark.parametrize(
+    "name", ["python", "cli", "curl", "httpx", "openai", "metrics", "export", "open_clip"]
+)
+def test_readme_example_runs_and_prints_what_the_readme_shows(name, workdir, server):
+    check_example(name, workdir, server.port)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import REPO, run_ranks
 
@@ -80,14 +81,14 @@ def test_preempted_run_resumes_exactly(tmp_path, color_shards):
         full, resumed = out / f"full{num_workers}", out / f"interrupted{num_workers}"
         # Both ranks stopped at the end of the step the signal came in, and saved there.
         stopped_at = f"step_{SIGNAL_STEP + 1:08d}"
-        assert (resumed / "checkpoints" / stopped_at / "model.pt").is_file()
+        assert (resumed / "checkpoints" / stopped_at / "model.safetensors").is_file()
         records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if "loss" in r] == list(range(1, NUM_STEPS + 1))
-        assert (resumed / "model.pt").is_file()
+        assert (resumed / "model.safetensors").is_file()
 
-        expected = torch.load(full / "model.pt", weights_only=True)
-        actual = torch.load(resumed / "model.pt", weights_only=True)
-        stopped = torch.load(resumed / "checkpoints" / stopped_at / "model.pt", weights_only=True)
+        expected = load_file(full / "model.safetensors")
+        actual = load_file(resumed / "model.safetensors")
+        stopped = load_file(resumed / "checkpoints" / stopped_at / "model.safetensors")
         assert max((expected[k] - stopped[k]).abs().max() for k in expected) > 1e-4, (
             "steps after the stop count"
         )

@@ -64,8 +64,8 @@ def check_completed(
     assert re.search(r"\b2 ranks\b", (run_dir / "train.log").read_text()), logs
     assert json.loads((run_dir / "zeroshot.json").read_text())["eval"]["num_samples"] == 40
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{num_steps:08d}"
-    assert (run_dir / "checkpoints" / f"step_{num_steps:08d}" / "model.pt").is_file()
-    assert (run_dir / "model.pt").is_file()
+    assert (run_dir / "checkpoints" / f"step_{num_steps:08d}" / "model.safetensors").is_file()
+    assert (run_dir / "model.safetensors").is_file()
     assert train_steps(run_dir) == list(range(5, num_steps + 1, 5))
     return job
 

@@ -58,13 +58,13 @@ def test_zero3_trains_evaluates_and_exports(tmp_path, color_shards):
     assert (run_dir / "report" / "pairs_retrieval.png").is_file()
     assert all(r["logit_scale"] > 1 for r in records if "loss" in r)  # gathered, not an empty slice
 
-    # The exported model.pt is whole: open_clip loads it (strictly), and a one-process evaluation of
+    # The exported model.safetensors is whole: open_clip loads it (strictly), and a one-process evaluation of
     # it agrees with the 2-rank ZeRO-3 one, so no padding row was counted.
-    encoder = load_export(run_dir / "model.pt")
+    encoder = load_export(run_dir / "model.safetensors")
     again = evaluate(encoder.model, encoder.preprocess_val, encoder.tokenizer, read_eval_set(eval_set), 4)
     assert again["num_samples"] == 41
     for key in ("top1", "top5", "mean_per_class_recall", "per_class_accuracy"):
         assert again[key] == pytest.approx(results[key], abs=1e-6), key
     # So does the checkpoint's export, and the checkpoint itself is DeepSpeed's partitioned one.
     checkpoint = run_dir / "checkpoints" / "step_00000006"
-    assert (checkpoint / "model.pt").is_file() and list(checkpoint.glob("*optim_states.pt"))
+    assert (checkpoint / "model.safetensors").is_file() and list(checkpoint.glob("*optim_states.pt"))
