@@ -280,7 +280,7 @@ class ImageTextStream(IterableDataset):
 class CachedTokenizer:
     """A tokenizer that keeps the token ids of up to `max_size` distinct captions.
 
-    Captions made from labels and templates repeat (the demo's 60k have 571 distinct ones), and
+    Captions made from labels and templates repeat (the demo's 55k have at most 576 distinct ones), and
     open_clip's pure-Python tokenizer spends 30-170 us on each; a look-up costs well under one. Once
     full the cache stops growing, so web captions, which rarely repeat, cost one dict miss each.
     """
