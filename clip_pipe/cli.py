@@ -103,7 +103,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     probe = embed_set(probe_set) if probe_set else None
     results = {}
     for eval_set in eval_sets:
-        results[eval_set.name] = r = score(embed_set(eval_set), probe)
+        own = probe_set is not None and eval_set.shard_urls == probe_set.shard_urls  # no training accuracy
+        results[eval_set.name] = r = score(embed_set(eval_set), None if own else probe)
         print(format_results(r))
     if args.format == "clip_benchmark":
         records = to_clip_benchmark(results, args.model_name or _model_name(model_file), str(model_file))

@@ -250,7 +250,9 @@ def run_eval(
     results, figure_sets = {}, {}
     for eval_set in eval_sets:
         emb = embed_set(eval_set)
-        r = score_on_main(emb, probe, env.rank, env.world_size)
+        # A probe scored on its own training set would report its training accuracy: not done.
+        own = probe_set is not None and eval_set.shard_urls == probe_set.shard_urls
+        r = score_on_main(emb, None if own else probe, env.rank, env.world_size)
         results[eval_set.name] = r
         log.info("eval @ step %d  %s", step, format_results(r))
         if env.is_main:

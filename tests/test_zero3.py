@@ -45,6 +45,7 @@ def test_zero3_trains_evaluates_and_exports(tmp_path, color_shards):
     assert results["num_samples"] == 41 and results["num_skipped"] == 0
     assert json.loads((run_dir / "zeroshot.json").read_text()) == {"eval": results}  # still written
     assert everything["pairs"]["num_images"] == 9 and "linear_probe_top1" in results
+    assert "linear_probe_top1" not in everything["pairs"]  # the probe's own training set
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "zeroshot_top1" in r] == [3, 6]
     assert [(r["step"], r["eval_set"]) for r in records if "alignment" in r] == [
