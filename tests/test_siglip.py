@@ -142,12 +142,16 @@ def test_classifier_gives_sigmoid_probabilities_for_a_biased_model(tmp_path):
 ENGINE_RUNS = ((0, 1), (1, 1), (2, 2), (3, 2))  # (ZeRO stage, accum_steps)
 
 
-def _engine_cfg(stage: int, accum_steps: int, ds_json: str | None = None):
+def _engine_cfg(stage: int, accum_steps: int, ds_json: str | None = None, eps: float = 1e-3):
     from tests.test_engine import make_cfg
 
-    return make_cfg(
-        stage, ds_json, "loss.kind=siglip", "loss.tile_size=3", f"optim.accum_steps={accum_steps}"
-    )
+    cfg = make_cfg(stage, ds_json, "loss.kind=siglip", "loss.tile_size=3", f"optim.accum_steps={accum_steps}")
+    # The attention key biases have an exactly zero true gradient, so theirs is rounding noise that
+    # depends on reduction order; the sigmoid loss's larger feature gradients make that noise larger
+    # than InfoNCE's, and Adam scales it up: with test_engine's eps of 1e-4 merely reordering the
+    # loss's sums moves them by 2e-6 in 5 steps. A larger eps keeps the comparison about the maths.
+    cfg.optim.eps = eps
+    return cfg
 
 
 def _train_ranks(rank: int, world_size: int, out: str) -> None:
@@ -201,7 +205,7 @@ def reference_params() -> tuple[dict, dict]:
 @pytest.mark.slow
 def test_two_rank_engine_with_sigmoid_loss_matches_single_process(tmp_path):
     out = str(tmp_path / "params")
-    run_ranks(_train_ranks, 2, out)
+    run_ranks(_train_ranks, 2, out, timeout=1200)  # 4 engines on a shared 2-core machine
     initial, reference = reference_params()
     assert abs(reference["logit_bias"] - initial["logit_bias"]).item() > 1e-4, "the bias must train"
     assert max((reference[k] - initial[k]).abs().max().item() for k in reference) > 1e-3
