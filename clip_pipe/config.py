@@ -86,6 +86,51 @@ class OptimConfig:
 
 
 @dataclass
+class ImageSslConfig:
+    """The image–image term's views, head and temperature (used only when `loss.image_ssl_weight` > 0).
+
+    The augmentations default to SimCLR's at the model's image size: a random resized crop, a flip,
+    colour jitter, grayscale and a Gaussian blur whose kernel is about a tenth of the image side.
+    """
+
+    temperature: float = 0.1
+    """NT-Xent temperature (fixed, not learned; 0.1 as in SLIP)."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """[min, max] area fraction of the random resized crop."""
+    flip_p: float = 0.5
+    """Probability of a horizontal flip."""
+    color_jitter: float = 0.4
+    """Brightness, contrast and saturation jitter (hue gets a quarter of it); 0 disables."""
+    color_jitter_p: float = 0.8
+    """Probability that the colour jitter applies."""
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    """Probability of a Gaussian blur (sigma drawn from [0.1, 2.0])."""
+
+    def __post_init__(self):
+        _check(
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "loss.image_ssl.crop_scale must be [min, max] with 0 < min <= max <= 1",
+        )
+        _check(self.temperature > 0, "loss.image_ssl.temperature must be > 0")
+        _check(self.color_jitter >= 0, "loss.image_ssl.color_jitter must be >= 0")
+        for name in ("flip_p", "color_jitter_p", "grayscale_p", "blur_p"):
+            _check(0 <= getattr(self, name) <= 1, f"loss.image_ssl.{name} must be in [0, 1]")
+
+
+@dataclass
+class LossConfig:
+    image_ssl_weight: float = 0.0
+    """Weight of the image–image contrastive term (SLIP): two augmented views of each image, an MLP
+    head, NT-Xent over the global batch, added to the image–text loss times this. 0 turns it off (no
+    second views are decoded, no head is built)."""
+    image_ssl: ImageSslConfig = field(default_factory=ImageSslConfig)
+
+    def __post_init__(self):
+        _check(self.image_ssl_weight >= 0, "loss.image_ssl_weight must be >= 0")
+
+
+@dataclass
 class EvalConfig:
     sets: list[str] = field(default_factory=list)
     """Zero-shot eval sets in CLIP_benchmark's WebDataset layout (see `data_prep/make_eval_set.py`)."""
@@ -142,6 +187,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 

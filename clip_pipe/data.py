@@ -193,7 +193,9 @@ class ImageTextStream(IterableDataset):
     """Endless batches {images (B,3,H,W), texts (B,L), num_skipped, keys, worker, position} for one rank.
 
     `start` resumes exactly where a `LoaderPosition` saved from an earlier run of the same stream
-    (same shards, seed, batch size, ranks and workers) left off.
+    (same shards, seed, batch size, ranks and workers) left off. `views`, if given, maps each decoded
+    image to extra augmented views (V, 3, H, W), batched as `views` (B, V, 3, H, W); it draws after
+    `preprocess`, so `images` are the same with or without it.
     """
 
     def __init__(
@@ -207,13 +209,14 @@ class ImageTextStream(IterableDataset):
         seed: int,
         shuffle_buffer: int,
         start: LoaderPosition | None = None,
+        views: Callable | None = None,
     ):
         super().__init__()
         self.shards, self.batch_size = shards, batch_size
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.start = start
+        self.start, self.views = start, views
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -230,23 +233,29 @@ class ImageTextStream(IterableDataset):
             self.shards, slot, num_slots, self.seed, errors, self.shuffle_buffer, start.workers[worker]
         )
 
-        images, captions, keys, num_reported = [], [], [], 0
+        images, image_views, captions, keys, num_reported = [], [], [], [], 0
         for position, sample in samples:
             try:
                 # Random augmentation is seeded by the sample's place in the stream, so a resumed run
                 # crops exactly as the uninterrupted one would (and the caller's RNG is left alone).
                 with _seeded_cpu_rng(_seed(self.seed, slot, position.epoch, position.num_read)):
-                    image = self.preprocess(decode_image(sample))
+                    decoded = decode_image(sample)
+                    image = self.preprocess(decoded)
+                    # From the same decoded image: never decoded twice.
+                    views = self.views(decoded) if self.views else None
                 caption = sample["txt"].decode("utf-8")
             except Exception as exn:  # a bad sample is counted and skipped, never fatal
                 errors(exn)
                 continue
             images.append(image)
+            if views is not None:
+                image_views.append(views)
             captions.append(caption)
             keys.append(sample["__key__"])
             if len(images) == self.batch_size:
                 yield {
                     "images": torch.stack(images),
+                    **({"views": torch.stack(image_views)} if image_views else {}),
                     "texts": self.tokenizer(captions),
                     "num_skipped": errors.num_skipped - num_reported,
                     "keys": keys,
@@ -254,7 +263,7 @@ class ImageTextStream(IterableDataset):
                     "position": (position.epoch, position.num_read),
                 }
                 num_reported = errors.num_skipped
-                images, captions, keys = [], [], []
+                images, image_views, captions, keys = [], [], [], []
 
 
 @contextmanager

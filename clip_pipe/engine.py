@@ -135,12 +135,43 @@ class Engine:
     def device(self) -> torch.device:
         return self.ds.device
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor):
-        return self.ds(images.to(self.device, self.dtype), texts.to(self.device))
+    def forward(self, images: torch.Tensor, texts: torch.Tensor, views: torch.Tensor | None = None):
+        """The loss's inputs by name: image_features (B, D), text_features (B, D) and logit_scale; with
+        `views` (B, 2, 3, H, W) also view_features (B, 2, D), the image–image head's outputs.
 
-    def train_step(self, images: torch.Tensor, texts: torch.Tensor, loss_fn: nn.Module, lr: float):
+        The views go through the image tower in the same pass as the images, so ZeRO-3 gathers each
+        layer once, and the head (a submodule, so DeepSpeed trains and partitions it) maps their
+        normalised embeddings into the image–image space.
+        """
+        images, texts = images.to(self.device, self.dtype), texts.to(self.device)
+        if views is None:
+            image_features, text_features, logit_scale = self.ds(images, texts)
+            return {
+                "image_features": image_features,
+                "text_features": text_features,
+                "logit_scale": logit_scale,
+            }
+        num_images = images.shape[0]
+        pixels = torch.cat([images, views.to(self.device, self.dtype).flatten(0, 1)])  # (3B, 3, H, W)
+        all_image_features, text_features, logit_scale = self.ds(pixels, texts)
+        view_features = self.module.image_ssl_head(all_image_features[num_images:])  # (2B, D)
+        return {
+            "image_features": all_image_features[:num_images],
+            "text_features": text_features,
+            "logit_scale": logit_scale,
+            "view_features": view_features.unflatten(0, (num_images, -1)),  # (B, 2, D)
+        }
+
+    def train_step(
+        self,
+        images: torch.Tensor,
+        texts: torch.Tensor,
+        loss_fn: nn.Module,
+        lr: float,
+        views: torch.Tensor | None = None,
+    ):
         """One optimizer step on this rank's batch; returns the detached loss and the global grad norm
-        (None if unclipped).
+        (None if unclipped). `views`: the image–image term's views, if `loss_fn` takes them.
 
         With `accum_steps` > 1 the batch is split into micro-batches, and the gradient is still exactly
         that of the whole global batch's loss (open_clip's `accum_freq` method): a first pass without
@@ -153,23 +184,28 @@ class Engine:
             group["lr"] = lr
         self.ds.train()
         if self.accum_steps == 1:
-            image_features, text_features, logit_scale = self.forward(images, texts)
-            loss = loss_fn(image_features, text_features, logit_scale)
+            loss = loss_fn(**self.forward(images, texts, views))
             self.ds.backward(loss)
             self.ds.step()
             return loss.detach(), self.ds.get_global_grad_norm()
 
-        micro_images, micro_texts = images.chunk(self.accum_steps), texts.chunk(self.accum_steps)
-        assert len(micro_images) == self.accum_steps, "batch_size is a multiple of accum_steps"
+        micro_batches = list(zip(images.chunk(self.accum_steps), texts.chunk(self.accum_steps), strict=True))
+        if views is not None:
+            micro_batches = [
+                (*m, v) for m, v in zip(micro_batches, views.chunk(self.accum_steps), strict=True)
+            ]
+        assert len(micro_batches) == self.accum_steps, "batch_size is a multiple of accum_steps"
         with torch.no_grad():
-            cached = [self.forward(i, t)[:2] for i, t in zip(micro_images, micro_texts, strict=True)]
+            cached = [self.forward(*m) for m in micro_batches]
         for j in range(self.accum_steps):
-            image_features, text_features, logit_scale = self.forward(micro_images[j], micro_texts[j])
-            all_image = torch.cat(
-                [f[0] if k != j else image_features for k, f in enumerate(cached)]
-            )  # (B, D)
-            all_text = torch.cat([f[1] if k != j else text_features for k, f in enumerate(cached)])  # (B, D)
-            loss = loss_fn(all_image, all_text, logit_scale)
+            outputs = self.forward(*micro_batches[j])
+            # Every feature (B, ...) of the whole batch, with micro-batch j's carrying its gradient.
+            inputs = {
+                name: torch.cat([outputs[name] if k == j else c[name] for k, c in enumerate(cached)])
+                for name in outputs
+                if name != "logit_scale"
+            }
+            loss = loss_fn(**inputs, logit_scale=outputs["logit_scale"])
             # Each micro-step's loss is the whole batch's loss, so the gradients add up, unscaled:
             # DeepSpeed's default divides by accum_steps, as if each micro-batch had a loss of its own.
             self.ds.set_gradient_accumulation_boundary(j == self.accum_steps - 1)
