@@ -87,6 +87,39 @@ class OptimConfig:
 
 
 @dataclass
+class ImageSslConfig:
+    """The image–image term's views, head and temperature (used only when `loss.image_ssl_weight` > 0).
+
+    The augmentations default to SimCLR's at the model's image size: a random resized crop, a flip,
+    colour jitter, grayscale and a Gaussian blur whose kernel is about a tenth of the image side.
+    """
+
+    temperature: float = 0.1
+    """NT-Xent temperature (fixed, not learned; 0.1 as in SLIP)."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """[min, max] area fraction of the random resized crop."""
+    flip_p: float = 0.5
+    """Probability of a horizontal flip."""
+    color_jitter: float = 0.4
+    """Brightness, contrast and saturation jitter (hue gets a quarter of it); 0 disables."""
+    color_jitter_p: float = 0.8
+    """Probability that the colour jitter applies."""
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    """Probability of a Gaussian blur (sigma drawn from [0.1, 2.0])."""
+
+    def __post_init__(self):
+        _check(
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+            "loss.image_ssl.crop_scale must be [min, max] with 0 < min <= max <= 1",
+        )
+        _check(self.temperature > 0, "loss.image_ssl.temperature must be > 0")
+        _check(self.color_jitter >= 0, "loss.image_ssl.color_jitter must be >= 0")
+        for name in ("flip_p", "color_jitter_p", "grayscale_p", "blur_p"):
+            _check(0 <= getattr(self, name) <= 1, f"loss.image_ssl.{name} must be in [0, 1]")
+
+
+@dataclass
 class LossConfig:
     kind: Literal["infonce", "siglip"] = "infonce"
     """`infonce`: CLIP's symmetric softmax cross-entropy over the global batch. `siglip`: SigLIP's pairwise
@@ -96,10 +129,17 @@ class LossConfig:
     """The loss computes its logits in blocks of tile_size x tile_size, so its memory grows with
     batch_size x tile_size rather than batch_size x global batch. Larger blocks use the hardware better."""
 
+    image_ssl_weight: float = 0.0
+    """Weight of the image–image contrastive term (SLIP): two augmented views of each image, an MLP
+    head, NT-Xent over the global batch, added to the image–text loss times this. 0 turns it off (no
+    second views are decoded, no head is built)."""
+    image_ssl: ImageSslConfig = field(default_factory=ImageSslConfig)
+
     def __post_init__(self):
         kinds = typing.get_args(typing.get_type_hints(LossConfig)["kind"])
         _check(self.kind in kinds, f"loss.kind must be one of {list(kinds)}, got {self.kind!r}")
         _check(self.tile_size >= 1, "loss.tile_size must be >= 1")
+        _check(self.image_ssl_weight >= 0, "loss.image_ssl_weight must be >= 0")
 
 
 @dataclass

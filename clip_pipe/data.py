@@ -25,6 +25,7 @@ import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,7 +214,9 @@ class ImageTextStream(IterableDataset):
 
     Per sample: decode to a uint8 tensor and crop it (`augment.crop`); per batch: convert and normalise
     (`augment.collate`) and tokenize. `start` resumes exactly where a `LoaderPosition` saved from an
-    earlier run of the same stream (same shards, seed, batch size, ranks and workers) left off.
+    earlier run of the same stream (same shards, seed, batch size, ranks and workers) left off. `views`, if given, maps each decoded
+    image to extra augmented views (V, 3, H, W), batched as `views` (B, V, 3, H, W); it draws after the
+    crop, so `images` are the same with or without it.
     """
 
     def __init__(
@@ -227,13 +230,14 @@ class ImageTextStream(IterableDataset):
         seed: int,
         shuffle_buffer: int,
         start: LoaderPosition | None = None,
+        views: Callable | None = None,
     ):
         super().__init__()
         self.shards, self.batch_size = shards, batch_size
         self.augment, self.tokenizer = augment, CachedTokenizer(tokenizer)
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.start = start
+        self.start, self.views = start, views
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -250,23 +254,33 @@ class ImageTextStream(IterableDataset):
             self.shards, slot, num_slots, self.seed, errors, self.shuffle_buffer, start.workers[worker]
         )
 
-        images, captions, keys, num_reported = [], [], [], 0
+        images, image_views, captions, keys, num_reported = [], [], [], [], 0
         for position, sample in samples:
             try:
                 # The crop is drawn from a generator seeded by the sample's place in the stream alone,
                 # so a resumed run crops exactly as the uninterrupted one would.
-                rng = random.Random(_seed(self.seed, slot, position.epoch, position.num_read))
-                image = self.augment.crop(decode_uint8(sample), rng)
+                sample_seed = _seed(self.seed, slot, position.epoch, position.num_read)
+                decoded = decode_uint8(sample)
+                image = self.augment.crop(decoded, random.Random(sample_seed))
+                views = None
+                if self.views:
+                    # From the same decoded image: never decoded twice. torchvision's transforms draw from
+                    # torch's CPU generator, seeded the same way for the same reason.
+                    with _seeded_cpu_rng(sample_seed):
+                        views = self.views(decoded)
                 caption = sample["txt"].decode("utf-8")
             except Exception as exn:  # a bad sample is counted and skipped, never fatal
                 errors(exn)
                 continue
             images.append(image)
+            if views is not None:
+                image_views.append(views)
             captions.append(caption)
             keys.append(sample["__key__"])
             if len(images) == self.batch_size:
                 yield {
                     "images": self.augment.collate(images),
+                    **({"views": torch.stack(image_views)} if image_views else {}),
                     "texts": self.tokenizer(captions),
                     "num_skipped": errors.num_skipped - num_reported,
                     "keys": keys,
@@ -274,7 +288,20 @@ class ImageTextStream(IterableDataset):
                     "position": (position.epoch, position.num_read),
                 }
                 num_reported = errors.num_skipped
-                images, captions, keys = [], [], []
+                images, image_views, captions, keys = [], [], [], []
+
+
+@contextmanager
+def _seeded_cpu_rng(seed: int) -> Iterator[None]:
+    # torch.manual_seed and fork_rng also reseed every accelerator backend, which costs some 130 us a
+    # call on a CUDA build; the views draw from the CPU generator alone, at 2 us to save and restore.
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
 
 
 class CachedTokenizer:

@@ -118,6 +118,10 @@ def _deepspeed_checkpoint_globals() -> list:
 _DEEPSPEED_CHECKPOINT_GLOBALS = _deepspeed_checkpoint_globals()
 
 
+# Model outputs that are not per-sample features: never split into micro-batches.
+SHARED_OUTPUTS = ("logit_scale", "logit_bias")
+
+
 class Engine:
     """A DeepSpeed engine around the dual encoder, with the step and checkpoint calls we use."""
 
@@ -138,13 +142,37 @@ class Engine:
     def device(self) -> torch.device:
         return self.ds.device
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor):
-        """(image_features, text_features, logit_scale), plus logit_bias for models that have one."""
-        return self.ds(images.to(self.device, self.dtype), texts.to(self.device))
+    def forward(self, images: torch.Tensor, texts: torch.Tensor, views: torch.Tensor | None = None):
+        """The loss's inputs by name: image_features (B, D), text_features (B, D) and logit_scale (plus logit_bias for models that have one); with
+        `views` (B, 2, 3, H, W) also view_features (B, 2, D), the image–image head's outputs.
 
-    def train_step(self, images: torch.Tensor, texts: torch.Tensor, loss_fn: nn.Module, lr: float):
+        The views go through the image tower in the same pass as the images, so ZeRO-3 gathers each
+        layer once, and the head (a submodule, so DeepSpeed trains and partitions it) maps their
+        normalised embeddings into the image–image space.
+        """
+        images, texts = images.to(self.device, self.dtype), texts.to(self.device)
+        num_images = images.shape[0]
+        if views is not None:
+            images = torch.cat([images, views.to(self.device, self.dtype).flatten(0, 1)])  # (3B, 3, H, W)
+        # open_clip returns a fourth output, logit_bias, for models built with one (SigLIP).
+        all_image_features, text_features, *scale_and_bias = self.ds(images, texts)
+        outputs = dict(zip(SHARED_OUTPUTS, scale_and_bias, strict=False))
+        outputs.update(image_features=all_image_features[:num_images], text_features=text_features)
+        if views is not None:
+            view_features = self.module.image_ssl_head(all_image_features[num_images:])  # (2B, D)
+            outputs["view_features"] = view_features.unflatten(0, (num_images, -1))  # (B, 2, D)
+        return outputs
+
+    def train_step(
+        self,
+        images: torch.Tensor,
+        texts: torch.Tensor,
+        loss_fn: nn.Module,
+        lr: float,
+        views: torch.Tensor | None = None,
+    ):
         """One optimizer step on this rank's batch; returns the detached loss and the global grad norm
-        (None if unclipped).
+        (None if unclipped). `views`: the image–image term's views, if `loss_fn` takes them.
 
         With `accum_steps` > 1 the batch is split into micro-batches, and the gradient is still exactly
         that of the whole global batch's loss (open_clip's `accum_freq` method): a first pass without
@@ -157,22 +185,28 @@ class Engine:
             group["lr"] = lr
         self.ds.train()
         if self.accum_steps == 1:
-            loss = loss_fn(*self.forward(images, texts))
+            loss = loss_fn(**self.forward(images, texts, views))
             self.ds.backward(loss)
             self.ds.step()
             return loss.detach(), self.ds.get_global_grad_norm()
 
-        micro_images, micro_texts = images.chunk(self.accum_steps), texts.chunk(self.accum_steps)
-        assert len(micro_images) == self.accum_steps, "batch_size is a multiple of accum_steps"
+        micro_batches = list(zip(images.chunk(self.accum_steps), texts.chunk(self.accum_steps), strict=True))
+        if views is not None:
+            micro_batches = [
+                (*m, v) for m, v in zip(micro_batches, views.chunk(self.accum_steps), strict=True)
+            ]
+        assert len(micro_batches) == self.accum_steps, "batch_size is a multiple of accum_steps"
         with torch.no_grad():
-            cached = [self.forward(i, t)[:2] for i, t in zip(micro_images, micro_texts, strict=True)]
+            cached = [self.forward(*m) for m in micro_batches]
         for j in range(self.accum_steps):
-            image_features, text_features, *scale_and_bias = self.forward(micro_images[j], micro_texts[j])
-            all_image = torch.cat(
-                [f[0] if k != j else image_features for k, f in enumerate(cached)]
-            )  # (B, D)
-            all_text = torch.cat([f[1] if k != j else text_features for k, f in enumerate(cached)])  # (B, D)
-            loss = loss_fn(all_image, all_text, *scale_and_bias)
+            outputs = self.forward(*micro_batches[j])
+            # Every feature (B, ...) of the whole batch, with micro-batch j's carrying its gradient.
+            inputs = {
+                name: torch.cat([outputs[name] if k == j else c[name] for k, c in enumerate(cached)])
+                for name in outputs
+                if name not in SHARED_OUTPUTS
+            }
+            loss = loss_fn(**inputs, **{name: outputs[name] for name in SHARED_OUTPUTS if name in outputs})
             # Each micro-step's loss is the whole batch's loss, so the gradients add up, unscaled:
             # DeepSpeed's default divides by accum_steps, as if each micro-batch had a loss of its own.
             self.ds.set_gradient_accumulation_boundary(j == self.accum_steps - 1)

@@ -111,6 +111,25 @@ def create(model_cfg: dict[str, Any], hf_pretrained: bool = False) -> DualEncode
     )
 
 
+IMAGE_SSL_HEAD = "image_ssl_head"
+
+
+def add_image_ssl_head(encoder: DualEncoder) -> None:
+    """Give the model the image–image term's projection head, as submodule `image_ssl_head`.
+
+    As a submodule it is trained, checkpointed and partitioned (ZeRO-3) with the rest of the model;
+    the exported open_clip state dict leaves it out (`to_export`), since open_clip has no place for it.
+    SLIP's head is Linear–BN–ReLU–Linear–BN–ReLU–Linear; BatchNorm would need statistics synchronised
+    across ranks and micro-batches, so this one normalises per sample (LayerNorm) instead.
+    """
+    embed_dim = encoder.model_cfg["embed_dim"]
+    head = nn.Sequential(
+        nn.Linear(embed_dim, 4 * embed_dim), nn.LayerNorm(4 * embed_dim), nn.GELU(),
+        nn.Linear(4 * embed_dim, embed_dim),
+    )  # fmt: skip
+    encoder.model.add_module(IMAGE_SSL_HEAD, head)
+
+
 def build_tokenizer(model_cfg: dict[str, Any]):
     text_cfg = model_cfg["text_cfg"]
     context_length = text_cfg.get("context_length", 77)
@@ -148,8 +167,13 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def to_export(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` (a model's state dict, ours or DeepSpeed's gathered one) as plain fp32 CPU tensors."""
-    state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+    """`state` (a model's state dict, ours or DeepSpeed's gathered one) as plain fp32 CPU tensors, with
+    open_clip's keys only."""
+    state = {
+        k: v.detach().to("cpu", torch.float32).clone()
+        for k, v in state.items()
+        if not k.startswith(f"{IMAGE_SSL_HEAD}.")  # training-only: not part of the open_clip model
+    }
     for key in ("logit_scale", "logit_bias"):
         if key in state:
             state[key] = state[key].reshape(())

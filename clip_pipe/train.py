@@ -36,8 +36,10 @@ from clip_pipe.eval import configured_sets, embed, format_results, logged_metric
 from clip_pipe.eval.figures import figure_data
 from clip_pipe.eval.report import write_report
 from clip_pipe.losses import MAX_LOGIT_SCALE, build_loss
+from clip_pipe.losses.ssl import NtXentLoss, WithImageSsl
 from clip_pipe.metrics import MetricsLog, plot_metrics, setup_logging
-from clip_pipe.model import DualEncoder, build_model, save_export
+from clip_pipe.model import DualEncoder, add_image_ssl_head, build_model, save_export
+from clip_pipe.views import TwoViews
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +117,15 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     init_process_group(env)
     torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
     encoder = build_model(cfg.model, cfg.loss)
+    loss_fn, views = build_loss(cfg.loss, env.rank, env.world_size), None
+    if cfg.loss.image_ssl_weight > 0:
+        add_image_ssl_head(encoder)
+        ssl = cfg.loss.image_ssl
+        loss_fn = WithImageSsl(
+            loss_fn, NtXentLoss(env.rank, env.world_size, ssl.temperature), cfg.loss.image_ssl_weight
+        )
+        views = TwoViews(ssl, encoder.model.visual.preprocess_cfg)
     engine = Engine(encoder.model, cfg, env.world_size)
-    loss_fn = build_loss(cfg.loss, env.rank, env.world_size)
     global_batch = cfg.data.batch_size * env.world_size
     metrics = MetricsLog(run_dir / "metrics.jsonl", cfg.run.report_to)
 
@@ -144,7 +153,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
 
     stream = ImageTextStream(
         shards, cfg.data.batch_size, encoder.preprocess_train, encoder.tokenizer, env.rank, env.world_size,
-        seed=data_seed, shuffle_buffer=cfg.data.shuffle_buffer, start=data_start,
+        seed=data_seed, shuffle_buffer=cfg.data.shuffle_buffer, start=data_start, views=views,
     )  # fmt: skip
     data_position = data_start or LoaderPosition.start(cfg.data.num_workers)
     batches = iter(batch_loader(stream, cfg.data.num_workers))
@@ -160,7 +169,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
         data_position.advance(batch)
         data_wait += time.perf_counter() - t0
         lr = lr_at(step, cfg.optim, cfg.run.steps)
-        loss, grad_norm = engine.train_step(batch["images"], batch["texts"], loss_fn, lr)
+        loss, grad_norm = engine.train_step(batch["images"], batch["texts"], loss_fn, lr, batch.get("views"))
         num_skipped += batch["num_skipped"]
         step += 1
         window_steps += 1

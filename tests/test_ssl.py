@@ -1,0 +1,200 @@
+"""The image–image term: NT-Xent against its definition and across real gloo ranks; the views the loader
+makes; the projection head's place in the model and its absence from the open_clip export."""
+
+from __future__ import annotations
+
+import itertools
+
+import open_clip
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from clip_pipe.config import ImageSslConfig, ModelConfig, load_config
+from clip_pipe.data import ImageTextStream, LoaderPosition, batch_loader, list_shards
+from clip_pipe.losses import ClipLoss
+from clip_pipe.losses.ssl import NtXentLoss, WithImageSsl
+from clip_pipe.model import add_image_ssl_head, build_model, export_state_dict, save_export
+from clip_pipe.views import TwoViews
+from tests.conftest import run_ranks
+
+NUM_LOCAL, DIM = 5, 8
+
+
+def naive_nt_xent(view_features: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent written out: z = [first views; second views], the positive of i is i ± N."""
+    z = F.normalize(torch.cat([view_features[:, 0], view_features[:, 1]]), dim=-1)  # (2N, P)
+    num = view_features.shape[0]
+    losses = []
+    for i in range(2 * num):
+        similarity = (z[i] * z).sum(-1) / temperature  # (2N,)
+        others = torch.cat([similarity[:i], similarity[i + 1 :]])
+        positive = similarity[(i + num) % (2 * num)]
+        losses.append(-(positive - torch.logsumexp(others, dim=0)))
+    return torch.stack(losses).mean()
+
+
+def global_views(world_size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    views = torch.randn(world_size * NUM_LOCAL, 1, DIM, generator=g, dtype=torch.float64)
+    # Second views near the first, so positives are not chance and the loss is far from log(2N - 1).
+    return torch.cat([views, views + 0.5 * torch.randn(views.shape, generator=g, dtype=torch.float64)], 1)
+
+
+def test_single_process_matches_the_definition():
+    views = global_views(3)
+    for temperature in (0.1, 0.5):
+        ours = NtXentLoss(temperature=temperature)(views)
+        torch.testing.assert_close(ours, naive_nt_xent(views, temperature), rtol=1e-10, atol=0)
+    assert ours < torch.log(torch.tensor(2.0 * len(views) - 1)) - 0.5  # the positives are found
+
+
+def _distributed_nt_xent(rank: int, world_size: int, out_path: str) -> None:
+    dist.init_process_group("gloo")
+    views = global_views(world_size)
+    rows = slice(rank * NUM_LOCAL, (rank + 1) * NUM_LOCAL)
+    local = views[rows].clone().requires_grad_(True)  # float64 end to end
+    loss = NtXentLoss(rank, world_size, temperature=0.2)(local)
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    torch.save({"loss": mean_loss / world_size, "grad": local.grad}, f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_equal_single_process_loss_and_gradients(tmp_path, world_size):
+    out = str(tmp_path / "grads")
+    run_ranks(_distributed_nt_xent, world_size, out)
+    views = global_views(world_size).requires_grad_(True)
+    reference = naive_nt_xent(views, 0.2)
+    reference.backward()
+    for rank in range(world_size):
+        result = torch.load(f"{out}.{rank}", weights_only=True)
+        rows = slice(rank * NUM_LOCAL, (rank + 1) * NUM_LOCAL)
+        torch.testing.assert_close(result["loss"], reference.detach(), rtol=1e-10, atol=0)
+        # Each rank's views get the gradient of the sum of every rank's loss; the reference is the mean.
+        torch.testing.assert_close(result["grad"] / world_size, views.grad[rows], rtol=1e-10, atol=1e-14)
+    # Negatives really crossed ranks: the mean of per-rank losses over local views alone differs.
+    local_only = sum(
+        naive_nt_xent(views[r * NUM_LOCAL : (r + 1) * NUM_LOCAL], 0.2) for r in range(world_size)
+    )
+    assert abs(local_only.item() / world_size - reference.item()) > 1e-2
+
+
+def test_with_image_ssl_adds_the_weighted_term_to_the_image_text_loss():
+    g = torch.Generator().manual_seed(0)
+    image, text = (F.normalize(torch.randn(4, DIM, generator=g), dim=-1) for _ in range(2))
+    views, scale = torch.randn(4, 2, DIM, generator=g), torch.tensor([10.0])
+    combined = WithImageSsl(ClipLoss(), NtXentLoss(temperature=0.1), weight=0.5)
+    expected = ClipLoss()(image, text, scale) + 0.5 * naive_nt_xent(views, 0.1)
+    actual = combined(image_features=image, text_features=text, logit_scale=scale, view_features=views)
+    torch.testing.assert_close(actual, expected)
+    assert combined.max_logit_scale == 100.0
+
+
+def test_config_section_is_checked():
+    cfg = load_config(None, ["data.train=x", "loss.image_ssl_weight=1", "loss.image_ssl.crop_scale=[0.2, 1]"])
+    assert cfg.loss.image_ssl_weight == 1.0 and cfg.loss.image_ssl.crop_scale == [0.2, 1.0]
+    assert load_config(None, ["data.train=x"]).loss.image_ssl_weight == 0.0  # off by default
+    for bad, match in (
+        ("loss.image_ssl_weight=-1", "image_ssl_weight must be >= 0"),
+        ("loss.image_ssl.crop_scale=[0.5, 0.2]", "crop_scale"),
+        ("loss.image_ssl.temperature=0", "temperature must be > 0"),
+        ("loss.image_ssl.blur_p=2", "blur_p must be in"),
+        ("loss.image_ssl.blur=0.5", "unknown config key 'loss.image_ssl.blur'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            load_config(None, ["data.train=x", bad])
+
+
+PREPROCESS_CFG = {"size": 16, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+
+def test_two_views_are_random_but_seeded_and_configurable():
+    from PIL import Image
+
+    image = Image.effect_noise((24, 24), 60).convert("RGB")
+    views = TwoViews(ImageSslConfig(), PREPROCESS_CFG)
+    torch.manual_seed(0)
+    first = views(image)
+    assert first.shape == (2, 3, 16, 16) and first.dtype == torch.float32
+    assert not torch.equal(first[0], first[1])
+    torch.manual_seed(0)
+    torch.testing.assert_close(views(image), first, rtol=0, atol=0)
+    # Every augmentation off: both views are the whole image, resized and normalised.
+    plain = ImageSslConfig(
+        crop_scale=[1, 1], flip_p=0, color_jitter=0, color_jitter_p=0, grayscale_p=0, blur_p=0
+    )
+    a, b = TwoViews(plain, {**PREPROCESS_CFG, "size": 24})(image)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    expected = (
+        torch.tensor(list(image.tobytes()), dtype=torch.float32).view(24, 24, 3).permute(2, 0, 1) / 255 - 0.5
+    ) / 0.25
+    torch.testing.assert_close(a, expected, rtol=0, atol=1e-5)
+
+
+def test_stream_views_come_from_one_decode_and_resume_exactly(color_shards, monkeypatch):
+    from torchvision import transforms
+
+    import clip_pipe.data
+
+    shards = list_shards([str(color_shards)])
+    tokenizer = open_clip.get_tokenizer("clip-pipe-test")
+    augment = transforms.Compose(
+        [transforms.Resize(16), transforms.ToTensor(), lambda x: x + torch.rand_like(x)]
+    )
+    views = TwoViews(ImageSslConfig(), PREPROCESS_CFG)
+    num_decodes = 0
+    real_decode = clip_pipe.data.decode_image
+
+    def counting_decode(sample):
+        nonlocal num_decodes
+        num_decodes += 1
+        return real_decode(sample)
+
+    monkeypatch.setattr(clip_pipe.data, "decode_image", counting_decode)
+
+    def batches(with_views=True, start=None, num_batches=12):
+        stream = ImageTextStream(
+            shards, 6, augment, tokenizer, 1, 2, seed=3, shuffle_buffer=12, start=start,
+            views=views if with_views else None,
+        )  # fmt: skip
+        return list(itertools.islice(iter(batch_loader(stream, 0)), num_batches))
+
+    full = batches()
+    assert num_decodes == 12 * 6, "each image decoded once, however many views"
+    assert all(b["views"].shape == (6, 2, 3, 16, 16) for b in full)
+    assert not torch.equal(full[0]["views"][:, 0], full[0]["views"][:, 1])
+    # The views draw after the main augmentation: the images are those of a run without views.
+    plain = batches(with_views=False)
+    assert "views" not in plain[0]
+    for ours, theirs in zip(full, plain, strict=True):
+        torch.testing.assert_close(ours["images"], theirs["images"], rtol=0, atol=0)
+    # Resumed from a saved position: the same samples, with the same views.
+    position = LoaderPosition.start(0)
+    for batch in full[:5]:
+        position.advance(batch)
+    resumed = batches(start=position, num_batches=7)
+    for ours, theirs in zip(resumed, full[5:], strict=True):
+        assert ours["keys"] == theirs["keys"]
+        torch.testing.assert_close(ours["views"], theirs["views"], rtol=0, atol=0)
+
+
+def test_head_trains_with_the_model_but_is_left_out_of_the_open_clip_export(tmp_path):
+    torch.manual_seed(0)
+    encoder = build_model(ModelConfig(name="clip-pipe-test"))
+    add_image_ssl_head(encoder)
+    head_keys = [k for k in encoder.model.state_dict() if k.startswith("image_ssl_head.")]
+    assert head_keys and any(p is encoder.model.image_ssl_head[0].weight for p in encoder.model.parameters())
+    assert not any(k.startswith("image_ssl_head.") for k in export_state_dict(encoder.model))
+    # open_clip loads the export strictly, and embeds exactly as we do.
+    theirs = open_clip.create_model(
+        "clip-pipe-test", pretrained=str(save_export(encoder.model, encoder.model_cfg, tmp_path))
+    )
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            theirs.eval().encode_image(images), encoder.model.eval().encode_image(images), rtol=0, atol=0
+        )
