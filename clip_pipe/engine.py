@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import warnings
 from contextlib import contextmanager
 from datetime import timedelta
@@ -100,7 +101,14 @@ class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
 
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(_DEEPSPEED_CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:  # torch's message is a page of advice; keep its reason
+                reason = next((line for line in str(e).splitlines() if "GLOBAL" in line), "")
+                raise ValueError(
+                    f"refusing to load {path}: not a weights-only checkpoint, unpickling it could run "
+                    f"code ({reason.strip() or 'unsupported content'})"
+                ) from None
 
 
 def _deepspeed_checkpoint_globals() -> list:
