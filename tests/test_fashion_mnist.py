@@ -22,10 +22,12 @@ from clip_pipe.prep.fashion_mnist import (
 )
 from clip_pipe.prep.idx import read_idx
 from clip_pipe.zeroshot import read_eval_set
+from tests.capabilities import needs
 
-needs_data = pytest.mark.skipif(
-    not (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file(),
-    reason=f"Fashion-MNIST not installed in {DEFAULT_ROOT} (apt-get install dataset-fashion-mnist)",
+needs_data = needs(
+    (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file(),
+    "Fashion-MNIST",
+    f"not installed in {DEFAULT_ROOT} (apt-get install dataset-fashion-mnist)",
 )
 
 
