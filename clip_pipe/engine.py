@@ -19,6 +19,7 @@ from typing import Any
 import deepspeed
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.utils import clip_grad_norm_
 from torch import nn
 
 from clip_pipe.config import TrainConfig
@@ -132,8 +133,17 @@ class Engine:
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.config
         )
         self.ds.checkpoint_engine = WeightsOnlyCheckpointEngine(self.ds._config)
+        if not self.ds.zero_optimization() and cfg.run.precision == "fp32":
+            self.ds.clip_fp32_gradients = self._clip_fp32_gradients
         self.dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
         self.accum_steps = self.ds.gradient_accumulation_steps()
+
+    def _clip_fp32_gradients(self) -> None:
+        # At ZeRO-0 in fp32 DeepSpeed clips here but drops the norm it computed, so get_global_grad_norm()
+        # would say None; keep it, as ZeRO 1-3 and bf16 do. The gradients are already all-reduced.
+        self.ds._global_grad_norm = clip_grad_norm_(
+            self.ds.module.parameters(), max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu
+        )
 
     @property
     def module(self) -> nn.Module:

@@ -34,13 +34,14 @@ def make_cfg(stage: int, ds_json: str | None = None, *overrides: str):
     return load_config(
         None,
         [
-            *([f"run.deepspeed_config={ds_json}"] if ds_json else []), *overrides,
+            *([f"run.deepspeed_config={ds_json}"] if ds_json else []),
             "data.train=/unused", f"data.batch_size={NUM_LOCAL}", f"run.zero_stage={stage}", f"run.steps={NUM_STEPS}",
             "optim.grad_clip=0", "optim.lr=1e-3", "optim.warmup_steps=2", "optim.weight_decay=0.1",
             # Some parameters (attention key biases) have an exactly zero true gradient, so theirs is
             # rounding noise that depends on reduction order; Adam with a tiny eps scales that noise up
             # to full-size steps. A larger eps keeps the comparison about the maths, not the rounding.
             "optim.eps=1e-4",
+            *overrides,  # last, so that they win
         ],
     )  # fmt: skip
 
