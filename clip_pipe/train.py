@@ -116,13 +116,15 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     global_batch = cfg.data.batch_size * env.world_size
     metrics = MetricsLog(run_dir / "metrics.jsonl")
 
-    step, data_start, data_seed = 0, None, cfg.data.seed
+    step, data_start, data_seed, num_skipped = 0, None, cfg.data.seed, 0
     if resume:
         state = engine.load(checkpoint_dir, tag=None if resume == "latest" else resume)
         if state is None:
             log.info("no checkpoint in %s: starting from step 0", checkpoint_dir)
         else:
             step = state["step"]
+            # The job's count so far (all ranks'), carried by one rank so that the sum over ranks stays right.
+            num_skipped = state.get("num_skipped", 0) if env.is_main else 0
             log.info("resumed from %s at step %d", checkpoint_dir, step)
             data_start = _data_start(state.get("data"), env, cfg.data.num_workers)
             if data_start is None:
@@ -144,7 +146,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     )  # fmt: skip
     data_position = data_start or LoaderPosition.start(cfg.data.num_workers)
     batches = iter(batch_loader(stream, cfg.data.num_workers))
-    num_skipped, start_step, start_time = 0, step, time.perf_counter()
+    start_step, start_time = step, time.perf_counter()
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     progress = tqdm(
         total=cfg.run.steps, initial=step, disable=not env.is_main, desc="train", unit="step",
@@ -174,6 +176,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
                 "logit_scale": min(engine.logit_scale(), loss_fn.max_logit_scale),
                 "samples_per_s": window_steps * global_batch / elapsed,
                 "data_wait_frac": data_wait / elapsed,
+                # Training samples lost to unreadable data so far, over all ranks, since step 0.
+                "num_skipped": int(_sum_over_ranks(num_skipped, env.world_size, engine.device)),
             }
             if env.is_main:
                 metrics.write(record)
@@ -186,6 +190,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
             save_checkpoint(
                 engine, encoder, checkpoint_dir, step, cfg.run.keep_checkpoints, env.is_main,
                 data=_gather_positions(data_position, env.world_size),
+                num_skipped=int(_sum_over_ranks(num_skipped, env.world_size, engine.device)),
             )  # fmt: skip
         if stopping:
             # No rank exits before rank 0 has written its files: when one rank exits, launchers
@@ -209,7 +214,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
         save_export(engine.module, encoder.model_cfg, run_dir, state=weights)
         plot_metrics(metrics.read(), run_dir / "training.png")
         log.info(
-            "done: %d steps in %.0f s (%.0f samples/s overall), %d training samples skipped as unreadable; "
+            "done: %d steps in %.0f s (%.0f samples/s overall), %d training samples skipped as unreadable "
+            "since step 0; "
             "run dir %s", step - start_step, train_seconds, (step - start_step) * global_batch / train_seconds,
             num_skipped, run_dir,
         )  # fmt: skip
@@ -248,10 +254,12 @@ def save_checkpoint(
     num_keep: int,
     is_main: bool,
     data: list[dict] | None = None,
+    num_skipped: int = 0,
 ) -> None:
-    """Collective. `data`: every rank's `LoaderPosition.to_dict()`, indexed by rank (rank 0 writes them)."""
+    """Collective. `data`: every rank's `LoaderPosition.to_dict()`, indexed by rank (rank 0 writes them);
+    `num_skipped`: training samples lost to unreadable data up to `step`, over all ranks."""
     tag = f"step_{step:08d}"
-    engine.save(checkpoint_dir, tag, client_state={"step": step, "data": data})
+    engine.save(checkpoint_dir, tag, client_state={"step": step, "data": data, "num_skipped": num_skipped})
     weights = engine.export_state_dict()
     if is_main:
         # Beside DeepSpeed's files, a plain state dict that open_clip and `launch/zeroshot.py` read.
