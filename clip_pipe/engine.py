@@ -22,6 +22,7 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from deepspeed.runtime.utils import clip_grad_norm_
 from torch import nn
 
+from clip_pipe.checkpoints import save_file
 from clip_pipe.config import TrainConfig
 from clip_pipe.distributed import DistEnv, export_env
 from clip_pipe.model import to_export
@@ -99,6 +100,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's checkpoint engine, but loading with `weights_only=True` (no arbitrary unpickling)."""
+
+    def save(self, state_dict, path: str):
+        save_file(state_dict, path)  # a full disk is an OSError (ENOSPC), not an opaque RuntimeError
 
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(_DEEPSPEED_CHECKPOINT_GLOBALS):
@@ -225,8 +229,9 @@ class Engine:
         return to_export(self.module.state_dict()) if self.ds.global_rank == 0 else None
 
     def save(self, checkpoint_dir: Path, tag: str, client_state: dict) -> None:
-        """Collective: every rank writes its part; `latest` then names `tag`."""
-        self.ds.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state)
+        """Collective: every rank writes its part. `latest` is left alone: DeepSpeed would rewrite it in
+        place, and a full disk would leave it empty; the caller moves it once the checkpoint is whole."""
+        self.ds.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, checkpoint_dir: Path, tag: str | None = None) -> dict | None:
         """Collective: restore weights, optimizer and our client state; None if nothing to load."""

@@ -21,6 +21,7 @@ from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
 
+from clip_pipe.checkpoints import save_file
 from clip_pipe.config import ModelConfig
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -156,7 +157,7 @@ def save_export(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / filename
     tmp = path.with_suffix(".tmp")
-    torch.save(export_state_dict(model) if state is None else state, tmp)
+    save_file(export_state_dict(model) if state is None else state, tmp)  # full disk: OSError (ENOSPC)
     tmp.replace(path)  # atomic: a reader never sees half a file
     config = {"model_cfg": model_cfg, "preprocess_cfg": model.visual.preprocess_cfg}
     (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from clip_pipe.checkpoints import set_latest
 from clip_pipe.config import OptimConfig, TrainConfig, save_config
 from clip_pipe.data import ImageTextStream, LoaderPosition, batch_loader, list_shards
 from clip_pipe.distributed import env_from_os, threads_per_rank
@@ -108,7 +109,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     shards = list_shards(cfg.data.train)
     eval_sets = [read_eval_set(path) for path in cfg.eval.sets]
 
-    init_process_group(env)
+    init_process_group(env, cfg.run.collective_timeout_s)
     torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
     encoder = build_model(cfg.model)
     engine = Engine(encoder.model, cfg, env.world_size)
@@ -264,6 +265,7 @@ def save_checkpoint(
     if is_main:
         # Beside DeepSpeed's files, a plain state dict that open_clip and `launch/zeroshot.py` read.
         save_export(engine.module, encoder.model_cfg, checkpoint_dir / tag, state=weights)
+        set_latest(checkpoint_dir, tag)  # only now is the checkpoint whole (a full disk fails before)
         if num_keep:
             for old in sorted(checkpoint_dir.glob("step_*"))[:-num_keep]:
                 shutil.rmtree(old)
