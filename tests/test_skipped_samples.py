@@ -5,6 +5,8 @@ Every shard is damaged the same way, so the count after any number of batches is
 whichever shard a loader slot reads: sizes.json promises 10 samples; sample 3's image is corrupt; the
 tar is cut off inside sample 8. webdataset yields a sample only once the next one starts, so sample 7
 goes down with 8 and 9: three samples lost to one tar error. That is 6 good samples and 4 lost per shard.
+Each of the 4 loader slots reads 2 shards an epoch, so a resumed slot's replay of its epoch passes damage
+that the interrupted run had already counted.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from tests.conftest import COLORS, REPO, color_jpeg, run_ranks
 from tests.test_resume import launch_main
 
 pytestmark = pytest.mark.slow
-NUM_SHARDS, NUM_PROMISED, NUM_GOOD, NUM_LOST = 4, 10, 6, 4
+NUM_SHARDS, NUM_PROMISED, NUM_GOOD, NUM_LOST = 8, 10, 6, 4
 BATCH, NUM_STEPS, SIGNAL_STEP = 4, 10, 4
 
 
@@ -59,7 +61,7 @@ def lost_after(num_given: int) -> int:
 
 
 def expected_lost(step: int) -> int:
-    # 2 ranks x 2 workers, one shard each per epoch; a rank's workers take turns, worker 0 first.
+    # 2 ranks x 2 workers; a rank's workers take turns, worker 0 first.
     per_rank = lost_after(BATCH * ((step + 1) // 2)) + lost_after(BATCH * (step // 2))
     return 2 * per_rank
 
