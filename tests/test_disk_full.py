@@ -51,7 +51,7 @@ def make_images(folder: Path, num_images: int) -> Path:
     folder.mkdir()
     lines = ["image,caption"]
     for i in range(num_images):
-        (folder / f"{i}.png").write_bytes(image_bytes(noise((48, 40), seed=i)))
+        (folder / f"{i}.png").write_bytes(image_bytes(noise((160, 128), seed=i)))
         lines.append(f"{i}.png,picture number {i}")
     (folder / "captions.csv").write_text("\n".join(lines) + "\n")
     return folder
@@ -61,7 +61,7 @@ def make_shards(images: Path, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             sys.executable, "data_prep/make_shards.py", "--images", str(images), "--captions",
-            str(images / "captions.csv"), "--out", str(out), "--shard-size", "10", "--image-size", "40",
+            str(images / "captions.csv"), "--out", str(out), "--shard-size", "10", "--image-size", "128",
             "--workers", "1",
         ],
         cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -77,9 +77,11 @@ def test_prep_on_a_full_disk_fails_clearly_and_a_rerun_with_space_completes_iden
     clean = tmp_path / "clean"
     assert make_shards(images, clean).returncode == 0
     total = sum(p.stat().st_size for p in clean.iterdir())
-    assert total > 400 << 10, total
+    assert total > 2 << 20, total
 
-    disk = small_disk(0.25)  # room for a few shards, not all
+    # Room for a few shards, not all. Shards are most of the bytes (noise compresses badly), so the disk
+    # fills in the middle of writing one.
+    disk = small_disk(1)
     out = disk / "out"
     proc = make_shards(images, out)
     assert proc.returncode == 1, proc.stderr
