@@ -7,6 +7,7 @@ real entry points run unchanged: the deepspeed launcher, and slurm/train.sbatch 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.slow
 NUM_STEPS, CHECKPOINT_EVERY, KILL_STEP, TIMEOUT_S = 8, 3, 5, 20
 
 SITECUSTOMIZE = """
+import json
 import os
 
 if os.environ.get("RANK") == "1" and os.environ.get("CLIP_PIPE_TEST_KILL_ONCE"):
@@ -154,3 +156,49 @@ def test_rank_killed_under_slurm_fails_the_job_then_a_resubmit_resumes(setup, sl
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), f"{job}\n{show_logs(run_dir / 'logs')}"
     check_resumed_from(run_dir, 3)
     check_same_as_reference(run_dir, setup["reference"])
+
+
+def _hung_peer(rank: int, world_size: int, port: int, out: str) -> None:
+    import signal
+
+    import torch.distributed as dist
+
+    from clip_pipe.distributed import env_from_os
+    from clip_pipe.engine import init_process_group
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    init_process_group(env_from_os(), timeout_s=5)
+    dist.barrier()
+    if rank == 1:
+        Path(out, "pid1").write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)  # alive, its sockets open: as a node cut off the network
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1))
+        outcome = "returned"
+    except Exception as e:  # gloo's timeout error
+        outcome = type(e).__name__
+    Path(out, "rank0.json").write_text(json.dumps([outcome, time.monotonic() - start]))
+
+
+def test_a_hung_rank_fails_the_others_after_the_collective_timeout(tmp_path):
+    """No connection reset to notice here (the peer is stopped, not dead): only the timeout ends the wait."""
+    import multiprocessing
+    import signal
+
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    ranks = [context.Process(target=_hung_peer, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in ranks:
+        p.start()
+    try:
+        ranks[0].join(timeout=240)
+        assert not ranks[0].is_alive(), "rank 0 still waiting on a hung peer"
+        outcome, waited = json.loads((tmp_path / "rank0.json").read_text())
+        assert outcome != "returned" and 4 < waited < 5 + 20, (outcome, waited)
+    finally:
+        for p in ranks:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+            p.join()
