@@ -45,7 +45,7 @@ IMAGES = [
     b"",
     bytes(range(256)) * 100,  # over MAX_IMAGE_BYTES
 ]
-NAMES = st.sampled_from(["images", "labels", "templates", "top_k", "texts"]) | st.text(max_size=20)
+NAMES = st.sampled_from(["images", "labels", "templates", "top_k", "texts"] * 2) | st.text(max_size=20)
 TEXT_VALUES = st.sampled_from(
     ["red", "a photo of a {c} square", "{c}", "{}", "{0}", "{c} {c}", "3", "-1", "0", "%s"]
 ) | st.text(max_size=300)
@@ -80,9 +80,14 @@ def part(draw) -> bytes:
 @st.composite
 def request(draw) -> tuple[str, dict, bytes]:
     path = draw(st.sampled_from(["/v1/classify", "/v1/embed", "/v1/classify?top_k=2", "/v1/nothing"]))
-    boundary = draw(st.sampled_from(["b0undary", "x" * 70, "a b", ""]) | st.text(min_size=1, max_size=20))
+    # Mostly well-formed framing and a matching content type, so that requests get past the form
+    # parser often enough to reach the handlers' own checks; the rest is broken on purpose.
+    boundary = draw(
+        st.sampled_from(["b0undary", "x" * 70, "----WebKitFormBoundary7MA4YWxkTrZu0gW"])
+        | st.text(min_size=1, max_size=20)
+    )
     parts = draw(st.lists(part(), max_size=8))
-    framing = draw(st.sampled_from(["good", "no_end", "bad_boundary", "lf_only", "raw"]))
+    framing = draw(st.sampled_from(["good"] * 4 + ["no_end", "bad_boundary", "lf_only", "raw"]))
     b = boundary.encode("utf-8", "surrogatepass")
     if framing == "raw":
         body = draw(st.binary(max_size=2000))
@@ -92,7 +97,7 @@ def request(draw) -> tuple[str, dict, bytes]:
         body = b"".join(marker + sep + p + sep for p in parts)
         body += b"" if framing == "no_end" else marker + b"--" + sep
     content_type = draw(
-        st.sampled_from([f"multipart/form-data; boundary={boundary}", "multipart/form-data",
+        st.sampled_from([f"multipart/form-data; boundary={boundary}"] * 6 + ["multipart/form-data",
                          f'multipart/form-data; boundary="{boundary}"; charset=utf-16', "application/json",
                          "text/plain", "application/x-www-form-urlencoded", ""])
         | st.text(max_size=40)
