@@ -189,6 +189,9 @@ class RunConfig:
     """A DeepSpeed JSON merged over the one generated from this config, for deliberate overrides."""
     report_to: list[Literal["tensorboard"]] = field(default_factory=list)
     """Also log the training curves and eval metrics there (rank 0): `tensorboard` writes RUN/tb/."""
+    collective_timeout_s: int = 1800
+    """How long a collective waits for the other ranks: when a rank dies, the others fail (non-zero exit,
+    resumable with `--resume latest`) after this long instead of hanging."""
 
     def __post_init__(self):
         _check(self.steps >= 1, "run.steps must be >= 1")
@@ -198,6 +201,7 @@ class RunConfig:
         _check(self.checkpoint_every >= 1, "run.checkpoint_every must be >= 1")
         _check(self.keep_checkpoints >= 0, "run.keep_checkpoints must be >= 0")
         _check(self.threads_per_rank >= 0, "run.threads_per_rank must be >= 0")
+        _check(self.collective_timeout_s >= 1, "run.collective_timeout_s must be >= 1")
 
     @property
     def dir(self) -> Path:

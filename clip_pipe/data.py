@@ -88,15 +88,29 @@ def assign_shards(
 
 
 class SampleErrors:
-    """Counts samples lost to unreadable tars or undecodable images (per loader worker)."""
+    """Counts samples lost to unreadable tars or undecodable images (per loader worker).
+
+    A truncated or corrupt tar loses samples without one error each (or any), so tar errors are only
+    logged, and a shard's lost samples are counted when it ends: those sizes.json promised, less those
+    read (`missing`). Undecodable samples are counted one by one (`__call__`).
+    """
 
     def __init__(self):
         self.num_skipped = 0
 
     def __call__(self, exn: Exception) -> bool:
         self.num_skipped += 1
-        log.warning("skipping unreadable data: %r", exn)
+        log.warning("skipping unreadable sample: %r", exn)
         return True  # keep going
+
+    def tar_error(self, exn: Exception) -> bool:
+        log.warning("unreadable tar data: %r", exn)
+        return True
+
+    def missing(self, url: str, num_missing: int) -> None:
+        if num_missing > 0:
+            self.num_skipped += num_missing
+            log.warning("%s: %d samples unreadable (truncated or corrupt tar)", url, num_missing)
 
 
 @dataclass(frozen=True)
@@ -119,10 +133,13 @@ def epoch_samples(
 ) -> Iterator[dict]:
     """One epoch of raw samples (dicts of bytes) for one loader slot, in shard order, unshuffled."""
     for shard_index, part, num_parts in assign_shards(len(shards), slot, num_slots, seed, epoch):
-        samples = wds.tariterators.tarfile_samples([{"url": shards[shard_index].url}], handler=errors)
+        shard, num_read = shards[shard_index], 0
+        samples = wds.tariterators.tarfile_samples([{"url": shard.url}], handler=errors.tar_error)
         for i, sample in enumerate(samples):
             if i % num_parts == part:
+                num_read += 1
                 yield sample
+        errors.missing(shard.url, len(range(part, shard.num_samples, num_parts)) - num_read)
 
 
 def slot_samples(
@@ -144,7 +161,7 @@ def slot_samples(
     each epoch's end so that no epoch's order depends on the one before, and replay never reaches
     further back than the start of the current epoch.
     """
-    num_empty_epochs = 0
+    num_empty_epochs, num_skipped_before = 0, errors.num_skipped
     for epoch in itertools.count(start.epoch):
         samples = epoch_samples(shards, slot, num_slots, seed, epoch, errors)
         if shuffle_buffer > 1:
@@ -154,6 +171,9 @@ def slot_samples(
         for sample in samples:
             num_read += 1
             if epoch == start.epoch and num_read <= start.num_read:
+                if num_read == start.num_read:
+                    # The run that saved `start` counted every sample lost before this one already.
+                    errors.num_skipped = num_skipped_before
                 continue  # given out before the checkpoint
             yield SlotPosition(epoch, num_read), sample
         num_empty_epochs = 0 if num_read else num_empty_epochs + 1

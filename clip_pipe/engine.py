@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import warnings
 from contextlib import contextmanager
 from datetime import timedelta
@@ -18,8 +19,10 @@ from typing import Any
 import deepspeed
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.utils import clip_grad_norm_
 from torch import nn
 
+from clip_pipe.checkpoints import save_file
 from clip_pipe.config import TrainConfig
 from clip_pipe.distributed import DistEnv, export_env
 from clip_pipe.model import to_export
@@ -101,9 +104,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's checkpoint engine, but loading with `weights_only=True` (no arbitrary unpickling)."""
 
+    def save(self, state_dict, path: str):
+        save_file(state_dict, path)  # a full disk is an OSError (ENOSPC), not an opaque RuntimeError
+
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(_DEEPSPEED_CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:  # torch's message is a page of advice; keep its reason
+                reason = next((line for line in str(e).splitlines() if "GLOBAL" in line), "")
+                raise ValueError(
+                    f"refusing to load {path}: not a weights-only checkpoint, unpickling it could run "
+                    f"code ({reason.strip() or 'unsupported content'})"
+                ) from None
 
 
 def _deepspeed_checkpoint_globals() -> list:
@@ -131,8 +144,17 @@ class Engine:
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.config
         )
         self.ds.checkpoint_engine = WeightsOnlyCheckpointEngine(self.ds._config)
+        if not self.ds.zero_optimization() and cfg.run.precision == "fp32":
+            self.ds.clip_fp32_gradients = self._clip_fp32_gradients
         self.dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
         self.accum_steps = self.ds.gradient_accumulation_steps()
+
+    def _clip_fp32_gradients(self) -> None:
+        # At ZeRO-0 in fp32 DeepSpeed clips here but drops the norm it computed, so get_global_grad_norm()
+        # would say None; keep it, as ZeRO 1-3 and bf16 do. The gradients are already all-reduced.
+        self.ds._global_grad_norm = clip_grad_norm_(
+            self.ds.module.parameters(), max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu
+        )
 
     @property
     def module(self) -> nn.Module:
@@ -244,8 +266,9 @@ class Engine:
         return to_export(self.module.state_dict()) if self.ds.global_rank == 0 else None
 
     def save(self, checkpoint_dir: Path, tag: str, client_state: dict) -> None:
-        """Collective: every rank writes its part; `latest` then names `tag`."""
-        self.ds.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state)
+        """Collective: every rank writes its part. `latest` is left alone: DeepSpeed would rewrite it in
+        place, and a full disk would leave it empty; the caller moves it once the checkpoint is whole."""
+        self.ds.save_checkpoint(str(checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, checkpoint_dir: Path, tag: str | None = None) -> dict | None:
         """Collective: restore weights, optimizer and our client state; None if nothing to load."""

@@ -23,6 +23,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 from torch import nn
 
 from clip_pipe.augment import TrainAugment
+from clip_pipe.checkpoints import save_file
 from clip_pipe.config import LossConfig, ModelConfig
 from clip_pipe.losses.siglip import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
 
@@ -197,10 +198,11 @@ def save_export(
     path = out_dir / filename
     tmp = path.with_name(path.name + ".tmp")
     weights = export_state_dict(model) if state is None else state
+    # Both writers end in a plain file write, so a full disk is the OSError (ENOSPC) that says so.
     if path.suffix == ".safetensors":
-        safetensors.torch.save_file(weights, tmp, metadata={"format": "pt"})
+        tmp.write_bytes(safetensors.torch.save(weights, metadata={"format": "pt"}))
     else:
-        torch.save(weights, tmp)
+        save_file(weights, tmp)
     tmp.replace(path)  # atomic: a reader never sees half a file
     config = {"model_cfg": model_cfg, "preprocess_cfg": model.visual.preprocess_cfg}
     (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))

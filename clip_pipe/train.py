@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from clip_pipe.checkpoints import set_latest
 from clip_pipe.config import OptimConfig, TrainConfig, save_config
 from clip_pipe.data import ImageTextStream, LoaderPosition, batch_loader, list_shards
 from clip_pipe.distributed import env_from_os, threads_per_rank
@@ -114,7 +115,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     shards = list_shards(cfg.data.train)
     eval_sets, probe_set = configured_sets(cfg.eval)
 
-    init_process_group(env)
+    init_process_group(env, cfg.run.collective_timeout_s)
     torch.manual_seed(cfg.run.seed)  # every rank builds the same initial weights
     encoder = build_model(cfg.model, cfg.loss)
     loss_fn, views = build_loss(cfg.loss, env.rank, env.world_size), None
@@ -129,13 +130,15 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     global_batch = cfg.data.batch_size * env.world_size
     metrics = MetricsLog(run_dir / "metrics.jsonl", cfg.run.report_to)
 
-    step, data_start, data_seed = 0, None, cfg.data.seed
+    step, data_start, data_seed, num_skipped = 0, None, cfg.data.seed, 0
     if resume:
         state = engine.load(checkpoint_dir, tag=None if resume == "latest" else resume)
         if state is None:
             log.info("no checkpoint in %s: starting from step 0", checkpoint_dir)
         else:
             step = state["step"]
+            # The job's count so far (all ranks'), carried by one rank so that the sum over ranks stays right.
+            num_skipped = state.get("num_skipped", 0) if env.is_main else 0
             log.info("resumed from %s at step %d", checkpoint_dir, step)
             data_start = _data_start(state.get("data"), env, cfg.data.num_workers)
             if data_start is None:
@@ -157,7 +160,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     )  # fmt: skip
     data_position = data_start or LoaderPosition.start(cfg.data.num_workers)
     batches = iter(batch_loader(stream, cfg.data.num_workers))
-    num_skipped, start_step, start_time = 0, step, time.perf_counter()
+    start_step, start_time = step, time.perf_counter()
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     progress = tqdm(
         total=cfg.run.steps, initial=step, disable=not env.is_main, desc="train", unit="step",
@@ -187,6 +190,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
                 "logit_scale": min(engine.logit_scale(), MAX_LOGIT_SCALE),
                 "samples_per_s": window_steps * global_batch / elapsed,
                 "data_wait_frac": data_wait / elapsed,
+                # Training samples lost to unreadable data so far, over all ranks, since step 0.
+                "num_skipped": int(_sum_over_ranks(num_skipped, env.world_size, engine.device)),
             }
             if env.is_main:
                 metrics.write(record)
@@ -199,6 +204,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
             save_checkpoint(
                 engine, encoder, checkpoint_dir, step, cfg.run.keep_checkpoints, env.is_main,
                 data=_gather_positions(data_position, env.world_size),
+                num_skipped=int(_sum_over_ranks(num_skipped, env.world_size, engine.device)),
             )  # fmt: skip
         if stopping:
             # No rank exits before rank 0 has written its files: when one rank exits, launchers
@@ -227,7 +233,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
         plot_metrics(metrics.read(), run_dir / "training.png")
         write_report(run_dir)
         log.info(
-            "done: %d steps in %.0f s (%.0f samples/s overall), %d training samples skipped as unreadable; "
+            "done: %d steps in %.0f s (%.0f samples/s overall), %d training samples skipped as unreadable "
+            "since step 0; "
             "run dir %s", step - start_step, train_seconds, (step - start_step) * global_batch / train_seconds,
             num_skipped, run_dir,
         )  # fmt: skip
@@ -279,14 +286,17 @@ def save_checkpoint(
     num_keep: int,
     is_main: bool,
     data: list[dict] | None = None,
+    num_skipped: int = 0,
 ) -> None:
-    """Collective. `data`: every rank's `LoaderPosition.to_dict()`, indexed by rank (rank 0 writes them)."""
+    """Collective. `data`: every rank's `LoaderPosition.to_dict()`, indexed by rank (rank 0 writes them);
+    `num_skipped`: training samples lost to unreadable data up to `step`, over all ranks."""
     tag = f"step_{step:08d}"
-    engine.save(checkpoint_dir, tag, client_state={"step": step, "data": data})
+    engine.save(checkpoint_dir, tag, client_state={"step": step, "data": data, "num_skipped": num_skipped})
     weights = engine.export_state_dict()
     if is_main:
         # Beside DeepSpeed's files, a plain state dict that open_clip and `launch/zeroshot.py` read.
         save_export(engine.module, encoder.model_cfg, checkpoint_dir / tag, state=weights)
+        set_latest(checkpoint_dir, tag)  # only now is the checkpoint whole (a full disk fails before)
         if num_keep:
             for old in sorted(checkpoint_dir.glob("step_*"))[:-num_keep]:
                 shutil.rmtree(old)

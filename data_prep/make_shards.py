@@ -4,6 +4,7 @@ crash and it finishes the job (see clip_pipe.prep.dataset)."""
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 
 from clip_pipe.prep import DEFAULT_MAX_PIXELS, EncodeConfig
@@ -104,6 +105,8 @@ def main():
         )
     except ValueError as e:
         parser.error(str(e))
+    except OSError as e:  # a full disk: finished shards stay, the rerun carries on from them
+        sys.exit(f"error: {e}; free some space and rerun the same command to finish the job")
     if summary is None:
         print(
             f"task {args.task} of {args.num_tasks}: its shards are done; run with --num-tasks 1 to finalize"

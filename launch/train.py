@@ -2,7 +2,8 @@
 
 Also runs under `torchrun`, `srun`, or plain `python launch/train.py ...` (one rank).
 
-Exit status: 0 done; 2 a user error (one line on stderr); 3 stopped by SIGUSR1/SIGTERM after saving a
+Exit status: 0 done; 1 the disk or another OS call failed (one line on stderr; the newest whole checkpoint
+stays `latest`); 2 a user error (one line on stderr); 3 stopped by SIGUSR1/SIGTERM after saving a
 checkpoint, so a requeued job should rerun the same command with `--resume latest`.
 """
 
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a lost mount: nothing a traceback would explain better
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Preempted as e:
         print(f"{e}", file=sys.stderr)
         return EXIT_PREEMPTED

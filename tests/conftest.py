@@ -15,6 +15,9 @@ import torch.multiprocessing as mp
 import webdataset as wds
 from PIL import Image
 
+# Hooks: a missing capability skips locally and fails under CI=true.
+from tests.capabilities import pytest_configure, pytest_runtest_setup  # noqa: F401
+
 # Any accidental hub download fails at once; DeepSpeed's shm all-reduce JIT build stays out of test time.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from tests import capabilities
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
@@ -76,12 +76,15 @@ def cluster_for_tests():
         return
     missing = [tool for tool in TOOLS if not shutil.which(tool, path=f"{os.environ['PATH']}:/usr/sbin")]
     if missing:
-        pytest.skip(
-            f"no SLURM here ({', '.join(missing)} not found): install slurmctld slurmd slurm-client munge "
-            "(scripts/setup.sh does), or point SLURM_CONF at a cluster"
+        capabilities.missing(
+            "SLURM",
+            f"{', '.join(missing)} not found: install slurmctld slurmd slurm-client munge "
+            "(scripts/setup.sh does), or point SLURM_CONF at a cluster",
         )
     if os.geteuid() != 0:
-        pytest.skip("starting a test SLURM cluster needs root (slurmd starts job tasks as their users)")
+        capabilities.missing(
+            "SLURM", "starting a test cluster needs root (slurmd starts job tasks as their users)"
+        )
     # Not under pytest's 0700 tmp_path: munged wants every directory above its socket searchable by all.
     folder = Path(tempfile.mkdtemp(prefix="clip-pipe-slurm-"))
     proc = subprocess.run([CLUSTER_SCRIPT, "start", folder], capture_output=True, text=True, timeout=120)

@@ -92,8 +92,11 @@ def test_prep_train_two_ranks_and_evaluate(tmp_path):
     results = json.loads((run_dir / "zeroshot.json").read_text())["eval"]
     assert results["num_samples"] == 40 and results["num_skipped"] == 0
     assert set(results["per_class_accuracy"]) == set(NAMES)
-    assert results["top5"] == 1.0  # 4 classes
+    # With 4 classes top-5 is 1.0 whatever the model; what can fail is that every class was learned,
+    # not one colour given to everything (which still scores 0.25 top-1).
     assert results["top1"] >= 0.75, results  # colour is easy; chance is 0.25
+    assert min(results["per_class_accuracy"].values()) >= 0.5, results
+    assert results["mean_per_class_recall"] >= 0.75, results
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(5, 41, 5))
     assert [r["step"] for r in records if "zeroshot_top1" in r] == [20, 40]  # eval.every_steps, then the end

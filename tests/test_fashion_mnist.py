@@ -23,10 +23,12 @@ from clip_pipe.prep.fashion_mnist import (
     val_indices,
 )
 from clip_pipe.prep.idx import read_idx
+from tests.capabilities import needs
 
-needs_data = pytest.mark.skipif(
-    not (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file(),
-    reason=f"Fashion-MNIST not installed in {DEFAULT_ROOT} (apt-get install dataset-fashion-mnist)",
+needs_data = needs(
+    (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file(),
+    "Fashion-MNIST",
+    f"not installed in {DEFAULT_ROOT} (apt-get install dataset-fashion-mnist)",
 )
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import webdataset as wds
 from PIL import Image
 
@@ -16,6 +15,7 @@ from clip_pipe.prep.dataset import build_dataset
 from clip_pipe.prep.emoji import DEFAULT_EMOJI_TEST, DEFAULT_FONT, emoji_rows, read_emoji_test
 from clip_pipe.prep.folders import sidecar_rows
 from clip_pipe.prep.verify import verify_dataset
+from tests.capabilities import needs
 from tests.prep_helpers import image_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,12 +64,13 @@ def test_sidecar_folder(tmp_path):
     }
 
 
-needs_tuxpaint = pytest.mark.skipif(
-    not (TUXPAINT / "animals" / "insects").is_dir(), reason="apt-get install tuxpaint-stamps-default"
+needs_tuxpaint = needs(
+    (TUXPAINT / "animals" / "insects").is_dir(), "Tux Paint stamps", "apt-get install tuxpaint-stamps-default"
 )
-needs_emoji = pytest.mark.skipif(
-    not (DEFAULT_FONT.is_file() and DEFAULT_EMOJI_TEST.is_file()),
-    reason="apt-get install fonts-noto-color-emoji unicode-data",
+needs_emoji = needs(
+    DEFAULT_FONT.is_file() and DEFAULT_EMOJI_TEST.is_file(),
+    "emoji font and names",
+    "apt-get install fonts-noto-color-emoji unicode-data",
 )
 
 

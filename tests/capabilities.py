@@ -1,0 +1,40 @@
+"""Capabilities some tests need (data sets, Debian packages, a SLURM cluster): a skip locally, a failure in CI.
+
+CI installs every one of them (scripts/setup.sh, .ci/run), so under `CI=true` a missing one means a
+broken set-up, and the tests that need it must fail rather than pass quietly as skips. Locally a
+missing capability is a skip with its reason, which `pytest -ra` prints in the summary.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NoReturn
+
+import pytest
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def missing(what: str, hint: str) -> NoReturn:
+    """Call from a test or fixture that cannot run without `what`."""
+    message = f"{what} is not available: {hint}"
+    if in_ci():
+        pytest.fail(f"CI=true, so every capability must be tested: {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def needs(available: bool, what: str, hint: str) -> pytest.MarkDecorator:
+    """A test marker: the test runs only if `available`; else `missing(what, hint)` at set-up."""
+    return pytest.mark.needs(available=available, what=what, hint=hint)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "needs(available, what, hint): a capability the test needs")
+
+
+def pytest_runtest_setup(item) -> None:
+    for mark in item.iter_markers("needs"):
+        if not mark.kwargs["available"]:
+            missing(mark.kwargs["what"], mark.kwargs["hint"])

@@ -1,0 +1,58 @@
+"""Under CI=true a missing capability fails the tests that need it; locally they are skipped with a reason."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+INNER_CONFTEST = "from tests.capabilities import pytest_configure, pytest_runtest_setup  # noqa: F401\n"
+INNER_TESTS = """
+import pytest
+from tests.capabilities import missing, needs
+
+
+@needs(False, "Fashion-MNIST", "apt-get install dataset-fashion-mnist")
+def test_marked():
+    pass
+
+
+@pytest.fixture
+def cluster():
+    missing("SLURM", "slurmctld not found")
+
+
+def test_fixture(cluster):
+    pass
+
+
+@needs(True, "emoji", "apt-get install fonts-noto-color-emoji")
+def test_present():
+    pass
+"""
+
+
+@pytest.mark.parametrize("ci", ["true", "", None])
+def test_missing_capability_fails_in_ci_and_skips_locally(pytester, monkeypatch, ci):
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    pytester.makeconftest(INNER_CONFTEST)
+    pytester.makepyfile(test_inner=INNER_TESTS)
+    result = pytester.runpytest("-ra", "-p", "no:cacheprovider")
+    if ci == "true":
+        result.assert_outcomes(passed=1, errors=2)  # errors at set-up fail the run
+        assert result.ret != 0
+        result.stdout.fnmatch_lines(
+            [
+                "*CI=true, so every capability must be tested: Fashion-MNIST is not available*",
+                "*CI=true, so every capability must be tested: SLURM is not available*",
+            ]
+        )
+    else:
+        result.assert_outcomes(passed=1, skipped=2)
+        # -ra lists each skip with its reason in the summary.
+        result.stdout.fnmatch_lines(
+            ["SKIPPED*Fashion-MNIST is not available: apt-get install*", "SKIPPED*SLURM is not available*"]
+        )
