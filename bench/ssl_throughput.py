@@ -60,7 +60,14 @@ def main() -> None:
         for round_index in range(args.rounds):
             for name, overrides in variants.items():  # interleaved: off on off on
                 out = Path(tmp) / f"{name}-{round_index}"
-                overrides = [*args.set, "eval.sets=[]", f"run.log_every={args.log_every}", *overrides]
+                overrides = [
+                    *args.set,
+                    "eval.sets=[]",
+                    "eval.retrieval_sets=[]",
+                    "eval.linear_probe_train=null",
+                    f"run.log_every={args.log_every}",
+                    *overrides,
+                ]
                 run_training(train_command(args.config, out, args.steps, 0, overrides), args.ranks)
                 speed, wait = steady(out, args.skip)
                 speeds[name].append(speed)
