@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from clip_pipe.augment import TrainAugment
 from clip_pipe.config import ImageSslConfig, ModelConfig, load_config
-from clip_pipe.data import ImageTextStream, LoaderPosition, batch_loader, list_shards
+from clip_pipe.data import ImageTextStream, LoaderPosition, list_shards
 from clip_pipe.losses import ClipLoss
 from clip_pipe.losses.ssl import NtXentLoss, WithImageSsl
 from clip_pipe.model import add_image_ssl_head, build_model, export_state_dict, save_export
@@ -136,32 +137,29 @@ def test_two_views_are_random_but_seeded_and_configurable():
 
 
 def test_stream_views_come_from_one_decode_and_resume_exactly(color_shards, monkeypatch):
-    from torchvision import transforms
 
     import clip_pipe.data
 
     shards = list_shards([str(color_shards)])
     tokenizer = open_clip.get_tokenizer("clip-pipe-test")
-    augment = transforms.Compose(
-        [transforms.Resize(16), transforms.ToTensor(), lambda x: x + torch.rand_like(x)]
-    )
+    augment = TrainAugment(16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     views = TwoViews(ImageSslConfig(), PREPROCESS_CFG)
     num_decodes = 0
-    real_decode = clip_pipe.data.decode_image
+    real_decode = clip_pipe.data.decode_uint8
 
     def counting_decode(sample):
         nonlocal num_decodes
         num_decodes += 1
         return real_decode(sample)
 
-    monkeypatch.setattr(clip_pipe.data, "decode_image", counting_decode)
+    monkeypatch.setattr(clip_pipe.data, "decode_uint8", counting_decode)
 
     def batches(with_views=True, start=None, num_batches=12):
         stream = ImageTextStream(
             shards, 6, augment, tokenizer, 1, 2, seed=3, shuffle_buffer=12, start=start,
             views=views if with_views else None,
         )  # fmt: skip
-        return list(itertools.islice(iter(batch_loader(stream, 0)), num_batches))
+        return list(itertools.islice(iter(stream), num_batches))
 
     full = batches()
     assert num_decodes == 12 * 6, "each image decoded once, however many views"
