@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import REPO, write_train_shards
 from tests.prep_helpers import image_bytes, noise
@@ -137,7 +138,7 @@ def test_checkpoint_on_a_full_disk_keeps_latest_on_the_last_whole_one(tmp_path, 
     proc = train(shards, run_dir, "--resume", "latest")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "at step 3" in (run_dir / "train.log").read_text()
-    expected = torch.load(reference / "model.pt", weights_only=True)
-    actual = torch.load(run_dir / "model.pt", weights_only=True)
+    expected = load_file(reference / "model.safetensors")
+    actual = load_file(run_dir / "model.safetensors")
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)

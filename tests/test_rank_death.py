@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from clip_pipe.distributed import free_port
 from tests.conftest import REPO, write_eval_set, write_train_shards
@@ -67,7 +68,7 @@ def setup(tmp_path_factory) -> dict:
         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"hook": hook, "train": train, "eval": eval_set, "reference": reference / "model.pt"}
+    return {"hook": hook, "train": train, "eval": eval_set, "reference": reference / "model.safetensors"}
 
 
 def deepspeed_command(args: list[str], *extra: str) -> list[str]:
@@ -79,8 +80,8 @@ def deepspeed_command(args: list[str], *extra: str) -> list[str]:
 
 
 def check_same_as_reference(run_dir: Path, reference: Path) -> None:
-    expected = torch.load(reference, weights_only=True)
-    actual = torch.load(run_dir / "model.pt", weights_only=True)
+    expected = load_file(reference)
+    actual = load_file(run_dir / "model.safetensors")
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
 
@@ -106,7 +107,7 @@ def test_rank_killed_under_deepspeed_launcher_exits_then_resumes(setup, tmp_path
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert exited - float(marker.read_text()) < TIMEOUT_S + 30, "the job outlived the collective timeout"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
-    assert not (run_dir / "model.pt").exists()
+    assert not (run_dir / "model.safetensors").exists()
 
     proc = subprocess.run(
         deepspeed_command(args, "--resume", "latest"), cwd=REPO, capture_output=True, text=True, env=env,

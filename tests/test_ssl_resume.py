@@ -10,6 +10,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import clip_pipe.model  # noqa: F401  (registers our model configs with open_clip)
 from tests.conftest import REPO, run_ranks
@@ -39,12 +40,12 @@ def test_resumed_run_with_the_image_ssl_term_matches_the_uninterrupted_one(tmp_p
     run_ranks(_runs, 2, str(color_shards), str(out), timeout=600)
     for rank in range(2):
         assert json.loads((out / f"status{rank}.json").read_text()) == [0, 0, 0]
-    expected = torch.load(out / "full" / "model.pt", weights_only=True)
-    actual = torch.load(out / "resumed" / "model.pt", weights_only=True)
-    stopped = torch.load(out / "resumed" / "checkpoints" / "step_00000003" / "model.pt", weights_only=True)
+    expected = load_file(out / "full" / "model.safetensors")
+    actual = load_file(out / "resumed" / "model.safetensors")
+    stopped = load_file(out / "resumed" / "checkpoints" / "step_00000003" / "model.safetensors")
     assert max((expected[k] - stopped[k]).abs().max() for k in expected) > 1e-4, "steps after the stop count"
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
     # The export is open_clip's model alone, without the head: open_clip loads it strictly.
     assert not any(k.startswith("image_ssl_head.") for k in actual)
-    open_clip.create_model("clip-pipe-test", pretrained=str(out / "resumed" / "model.pt"))
+    open_clip.create_model("clip-pipe-test", pretrained=str(out / "resumed" / "model.safetensors"))

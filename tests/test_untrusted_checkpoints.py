@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from clip_pipe.engine import _DEEPSPEED_CHECKPOINT_GLOBALS
 from tests.conftest import REPO, run_ranks
 
 pytestmark = pytest.mark.slow
@@ -32,7 +34,8 @@ class TouchFile:
 
 def poison(file: Path, marker: Path) -> None:
     """Keep `file`'s real contents, so only the payload can make a loader fail."""
-    state = torch.load(file, weights_only=False)
+    with torch.serialization.safe_globals(_DEEPSPEED_CHECKPOINT_GLOBALS):
+        state = torch.load(file, weights_only=True)
     state["payload"] = TouchFile(marker)
     torch.save(state, file)
 
@@ -59,8 +62,9 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
     assert proc.returncode == 0, proc.stderr
     tag_dir = run_dir / "checkpoints" / "step_00000002"
     assert {p.name for p in tag_dir.glob("*.pt")} == {
-        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "model.pt"
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     }  # fmt: skip
+    assert (tag_dir / "model.safetensors").is_file()
     return shards, run_dir
 
 
@@ -117,8 +121,12 @@ def test_model_file_that_runs_code_is_refused_by_classifier_and_zeroshot(trained
 
     run_dir = copy_run(trained_run[1], tmp_path / "run")
     marker = tmp_path / "pwned"
-    for model_file in (run_dir / "model.pt", run_dir / "checkpoints" / "step_00000002" / "model.pt"):
-        torch.save({**torch.load(model_file, weights_only=True), "payload": TouchFile(marker)}, model_file)
+    # Run directories written before exports were safetensors hold model.pt files, which still load:
+    # turn this run into such a one, its pickles carrying a payload.
+    for folder in (run_dir, run_dir / "checkpoints" / "step_00000002"):
+        weights = load_file(folder / "model.safetensors")
+        (folder / "model.safetensors").unlink()
+        torch.save({**weights, "payload": TouchFile(marker)}, folder / "model.pt")
     # A run directory (its final model.pt), a checkpoint directory, and the file itself.
     for source in (run_dir, run_dir / "checkpoints" / "step_00000002", run_dir / "model.pt"):
         with pytest.raises(ValueError, match="cannot load weights"):
