@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from clip_pipe.loss import ClipLoss
 
+from clip_pipe.losses import ClipLoss
 from clip_pipe.model import build_model, export_state_dict
 from clip_pipe.train import lr_at
 from tests.conftest import run_ranks
