@@ -63,7 +63,7 @@ def test_two_rank_zero3_embedding_and_metrics_equal_one_process(tmp_path):
     args = (encoder.model, encoder.preprocess_val, encoder.tokenizer)
     probe = embed(*args, read_eval_set(paths[0]), BATCH)
     for rank in (0, 1):
-        shares = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        shares = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for path in paths:
             ref = embed(*args, read_eval_set(path), BATCH)
             got, results = shares[ref.name]
@@ -82,7 +82,7 @@ def test_two_rank_zero3_embedding_and_metrics_equal_one_process(tmp_path):
                 assert results[key] == (
                     pytest.approx(value, abs=1e-6) if isinstance(value, float) else value
                 ), key
-    pairs = torch.load(tmp_path / "rank1.pt", weights_only=False)["pairs"][1]
+    pairs = torch.load(tmp_path / "rank1.pt", weights_only=True)["pairs"][1]
     assert (pairs["num_samples"], pairs["num_skipped"], pairs["num_images"]) == (41, 1, 21)
-    cb = torch.load(tmp_path / "rank1.pt", weights_only=False)["cb_retrieval"][1]
+    cb = torch.load(tmp_path / "rank1.pt", weights_only=True)["cb_retrieval"][1]
     assert cb["num_texts"] == sum(1 + i % 3 for i in range(25))
