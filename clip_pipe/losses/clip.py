@@ -22,6 +22,20 @@ MAX_LOGIT_SCALE = 100.0
 """Ceiling on exp(logit_scale), as in CLIP: every loss and the zero-shot classifier clamp at it."""
 
 
+def upcast(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    max_logit_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every loss's first step: features in (at least) fp32, since softmaxes and log-sum-exps over thousands
+    of columns need it even when the towers run in bf16, and the scale clamped at `max_logit_scale`.
+    Clamping here rather than editing the parameter keeps ZeRO's fp32 master weights in charge, and
+    autograd gives the clamp's own gradient (0 above it)."""
+    dtype = torch.promote_types(image_features.dtype, torch.float32)
+    return image_features.to(dtype), text_features.to(dtype), logit_scale.to(dtype).clamp(max=max_logit_scale)
+
+
 class ClipLoss(nn.Module):
     """Mean of image→text and text→image cross-entropy over the global batch.
 
@@ -40,11 +54,9 @@ class ClipLoss(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # Softmax over thousands of columns is done in (at least) fp32 even when the towers run in bf16.
-        dtype = torch.promote_types(image_features.dtype, torch.float32)
-        image_features, text_features = image_features.to(dtype), text_features.to(dtype)  # (B, D)
-        # Clamping here rather than editing the parameter keeps ZeRO's fp32 master weights in charge.
-        scale = logit_scale.to(dtype).clamp(max=self.max_logit_scale)
+        image_features, text_features, scale = upcast(
+            image_features, text_features, logit_scale, self.max_logit_scale
+        )  # (B, D), (B, D), (1,)
         num_local = image_features.shape[0]
 
         all_image = all_gather_with_grad(image_features, self.rank, self.world_size)  # (W·B, D)
@@ -55,7 +67,7 @@ class ClipLoss(nn.Module):
         if logit_bias is not None:
             # A shared shift changes no softmax (its gradient is zero); added so a model trained
             # with a bias gives the same logits here as in open_clip's ClipLoss.
-            bias = logit_bias.to(dtype)
+            bias = logit_bias.to(scale.dtype)
             logits_per_image, logits_per_text = logits_per_image + bias, logits_per_text + bias
         labels = torch.arange(num_local, device=image_features.device) + self.rank * num_local
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_pipe.losses.clip import MAX_LOGIT_SCALE
+from clip_pipe.losses.clip import MAX_LOGIT_SCALE, upcast
 from clip_pipe.losses.gather import all_gather_with_grad
 from clip_pipe.losses.tiled import DEFAULT_TILE_SIZE, tiles
 
@@ -94,11 +94,11 @@ class SigLipLoss(nn.Module):
             raise ValueError(
                 "the sigmoid loss needs a model with a logit_bias; build it with loss.kind=siglip"
             )
-        dtype = torch.promote_types(image_features.dtype, torch.float32)
-        image_features, text_features = image_features.to(dtype), text_features.to(dtype)  # (B, D)
-        scale = logit_scale.to(dtype).clamp(max=self.max_logit_scale)
+        image_features, text_features, scale = upcast(
+            image_features, text_features, logit_scale, self.max_logit_scale
+        )  # (B, D), (B, D), (1,)
         all_text = all_gather_with_grad(text_features, self.rank, self.world_size)  # (W·B, D)
         offset = self.rank * image_features.shape[0]
         return _TiledSigmoid.apply(
-            image_features, all_text, scale, logit_bias.to(dtype), offset, self.tile_size
+            image_features, all_text, scale, logit_bias.to(scale.dtype), offset, self.tile_size
         )

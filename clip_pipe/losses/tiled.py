@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from clip_pipe.losses.clip import MAX_LOGIT_SCALE
+from clip_pipe.losses.clip import MAX_LOGIT_SCALE, upcast
 from clip_pipe.losses.gather import all_gather_with_grad, all_reduce_logsumexp
 
 DEFAULT_TILE_SIZE = 1024
@@ -118,11 +118,10 @@ class TiledClipLoss(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # Log-sum-exps over thousands of columns in (at least) fp32, even when the towers run in bf16.
-        dtype = torch.promote_types(image_features.dtype, torch.float32)
-        image_features, text_features = image_features.to(dtype), text_features.to(dtype)  # (B, D)
         # Clamped outside the custom function, so autograd gives the clamp's own gradient (0 above it).
-        scale = logit_scale.to(dtype).clamp(max=self.max_logit_scale)
+        image_features, text_features, scale = upcast(
+            image_features, text_features, logit_scale, self.max_logit_scale
+        )  # (B, D), (B, D), (1,)
         all_text = all_gather_with_grad(text_features, self.rank, self.world_size)  # (W·B, D)
         offset = self.rank * image_features.shape[0]
         return _TiledInfoNCE.apply(
