@@ -37,6 +37,7 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_image_tensor
 
 from clip_pipe.augment import TrainAugment
+from clip_pipe.limits import DEFAULT_MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -181,11 +182,21 @@ def slot_samples(
             raise RuntimeError(f"loader slot {slot} read no samples in 10 epochs; are the shards readable?")
 
 
-def decode_uint8(sample: dict) -> torch.Tensor:
+def decode_uint8(sample: dict, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
     """The sample's image as a uint8 RGB tensor (3, H, W), decoded by libjpeg/libpng/libwebp directly:
-    8x faster than through PIL on small images, with no PIL object in between."""
+    8x faster than through PIL on small images, with no PIL object in between.
+
+    Shards may come from anywhere, so the size is read from the header first (PIL parses only the
+    header here, a few microseconds) and an image over `max_pixels` is refused before any pixel is
+    decoded: a decompression bomb in a shard costs one skipped sample, not the rank's memory."""
     for ext in IMAGE_EXTENSIONS:
         if ext in sample:
+            with Image.open(io.BytesIO(sample[ext])) as header:
+                width, height = header.size
+            if width * height > max_pixels:
+                raise ValueError(
+                    f"{width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+                )
             data = torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8)
             image = decode_image_tensor(data, mode=ImageReadMode.RGB)
             if image.dtype == torch.uint16:  # a 16-bit PNG: keep the 8 high bits
@@ -276,22 +287,24 @@ class ImageTextStream(IterableDataset):
 
         images, image_views, captions, keys, num_reported = [], [], [], [], 0
         for position, sample in samples:
-            try:
-                # The crop is drawn from a generator seeded by the sample's place in the stream alone,
-                # so a resumed run crops exactly as the uninterrupted one would.
-                sample_seed = _seed(self.seed, slot, position.epoch, position.num_read)
+            try:  # only what depends on the data: a bad sample is counted and skipped, never fatal
                 decoded = decode_uint8(sample)
-                image = self.augment.crop(decoded, random.Random(sample_seed))
-                views = None
-                if self.views:
-                    # From the same decoded image: never decoded twice. torchvision's transforms draw from
-                    # torch's CPU generator, seeded the same way for the same reason.
-                    with _seeded_cpu_rng(sample_seed):
-                        views = self.views(decoded)
                 caption = sample["txt"].decode("utf-8")
-            except Exception as exn:  # a bad sample is counted and skipped, never fatal
+            except Exception as exn:
                 errors(exn)
                 continue
+            # Outside the try: an error here is a bug in our code or config (every sample would hit it),
+            # and counting it as a skipped sample would make the loader spin forever instead of failing.
+            # The crop is drawn from a generator seeded by the sample's place in the stream alone, so a
+            # resumed run crops exactly as the uninterrupted one would.
+            sample_seed = _seed(self.seed, slot, position.epoch, position.num_read)
+            image = self.augment.crop(decoded, random.Random(sample_seed))
+            views = None
+            if self.views:
+                # From the same decoded image: never decoded twice. torchvision's transforms draw from
+                # torch's CPU generator, seeded the same way for the same reason.
+                with _seeded_cpu_rng(sample_seed):
+                    views = self.views(decoded)
             images.append(image)
             if views is not None:
                 image_views.append(views)

@@ -228,7 +228,15 @@ class Engine:
                 for name in outputs
                 if name not in SHARED_OUTPUTS
             }
-            loss = loss_fn(**inputs, **{name: outputs[name] for name in SHARED_OUTPUTS if name in outputs})
+            # The scale and bias take part in every micro-step's loss, so their gradients would add up
+            # to accum_steps times the whole batch's (open_clip_train's accum_freq keeps that error).
+            # Scaling the gradient, not the value (x + 0 exactly), keeps the sum exact.
+            shared = {
+                name: outputs[name].detach() + (outputs[name] - outputs[name].detach()) / self.accum_steps
+                for name in SHARED_OUTPUTS
+                if name in outputs
+            }
+            loss = loss_fn(**inputs, **shared)
             # Each micro-step's loss is the whole batch's loss, so the gradients add up, unscaled:
             # DeepSpeed's default divides by accum_steps, as if each micro-batch had a loss of its own.
             self.ds.set_gradient_accumulation_boundary(j == self.accum_steps - 1)
@@ -272,5 +280,15 @@ class Engine:
 
     def load(self, checkpoint_dir: Path, tag: str | None = None) -> dict | None:
         """Collective: restore weights, optimizer and our client state; None if nothing to load."""
-        path, client_state = self.ds.load_checkpoint(str(checkpoint_dir), tag=tag)
+        try:
+            path, client_state = self.ds.load_checkpoint(str(checkpoint_dir), tag=tag)
+        except RuntimeError as e:
+            if "Error(s) in loading state_dict" not in str(e):
+                raise
+            # torch's strict load names every missing and unexpected key; the last line says which.
+            raise ValueError(
+                f"the checkpoint in {checkpoint_dir} does not fit the model this config builds "
+                f"({str(e).strip().splitlines()[-1].strip().rstrip('.')}). Resume with the settings it was saved with "
+                "(model.name, loss.kind, loss.image_ssl_weight on or off)."
+            ) from None
         return client_state if path is not None else None

@@ -3,6 +3,10 @@
 `optim.grad_clip` is small enough here that every step clips, so a stage that clipped differently (per
 rank, per partition, after instead of before the all-reduce) or not at all would end elsewhere. The
 reference builds its own decay / no-decay split (open_clip_train's rule), not ours.
+
+With `optim.accum_steps` the norm must not change either: every micro-step's loss uses the logit scale,
+so a scale gradient summed over micro-steps (open_clip_train's `accum_freq` does that) would be
+accum_steps times too large, and clipping would see an inflated norm.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tests.test_engine import NUM_LOCAL, WORLD, global_batch, make_cfg, partitio
 pytestmark = pytest.mark.slow
 NUM_STEPS, GRAD_CLIP = 4, 0.2
 STAGES = (0, 1, 2, 3)
+RUNS = [(stage, 1) for stage in STAGES] + [(0, 2), (3, 2)]  # (ZeRO stage, accum_steps)
 
 
 def _train_ranks(rank: int, world_size: int, out: str) -> None:
@@ -31,23 +36,29 @@ def _train_ranks(rank: int, world_size: int, out: str) -> None:
     torch.set_num_threads(1)
     init_process_group(env_from_os())
     norms = {}
-    for stage in STAGES:
-        cfg = make_cfg(stage, partition_everything(Path(out).parent), f"optim.grad_clip={GRAD_CLIP}")
+    for stage, accum_steps in RUNS:
+        run = f"zero{stage}-accum{accum_steps}"
+        cfg = make_cfg(
+            stage,
+            partition_everything(Path(out).parent),
+            f"optim.grad_clip={GRAD_CLIP}",
+            f"optim.accum_steps={accum_steps}",
+        )
         torch.manual_seed(0)
         encoder = build_model(cfg.model)
         engine = Engine(encoder.model, cfg, world_size)
         loss_fn = ClipLoss(rank, world_size)
         rows = slice(rank * NUM_LOCAL, (rank + 1) * NUM_LOCAL)
-        norms[stage] = []
+        norms[run] = []
         for step in range(NUM_STEPS):
             images, texts = global_batch(step, encoder.tokenizer)
             _, grad_norm = engine.train_step(
                 images[rows], texts[rows], loss_fn, lr_at(step, cfg.optim, NUM_STEPS)
             )
-            norms[stage].append(None if grad_norm is None else float(grad_norm))
+            norms[run].append(None if grad_norm is None else float(grad_norm))
         weights = engine.export_state_dict()
         if rank == 0:
-            torch.save(weights, f"{out}.zero{stage}")
+            torch.save(weights, f"{out}.{run}")
     Path(f"{out}.norms{rank}.json").write_text(json.dumps(norms))
 
 
@@ -88,7 +99,7 @@ def clipped_reference() -> tuple[dict, dict, list[float]]:
     return initial, export_state_dict(model), norms
 
 
-def test_clipping_and_grad_norm_match_plain_pytorch_for_zero_0_1_2_3(tmp_path):
+def test_clipping_and_grad_norm_match_plain_pytorch_for_zero_0_1_2_3_and_accumulation(tmp_path):
     out = str(tmp_path / "params")
     run_ranks(_train_ranks, WORLD, out)
     initial, reference, reference_norms = clipped_reference()
@@ -96,12 +107,14 @@ def test_clipping_and_grad_norm_match_plain_pytorch_for_zero_0_1_2_3(tmp_path):
     assert max((reference[k] - initial[k]).abs().max().item() for k in reference) > 1e-3
     for rank in range(WORLD):
         norms = json.loads(Path(f"{out}.norms{rank}.json").read_text())
-        for stage in STAGES:
+        for stage, accum_steps in RUNS:
+            run = f"zero{stage}-accum{accum_steps}"
             # Every rank reports the global norm (of the whole model's gradient), before clipping.
-            assert norms[str(stage)] == pytest.approx(reference_norms, rel=1e-4), f"ZeRO-{stage} rank {rank}"
-    for stage in STAGES:
-        params = torch.load(f"{out}.zero{stage}", weights_only=True)
+            assert norms[run] == pytest.approx(reference_norms, rel=1e-4), f"{run} rank {rank}"
+    for stage, accum_steps in RUNS:
+        run = f"zero{stage}-accum{accum_steps}"
+        params = torch.load(f"{out}.{run}", weights_only=True)
         for key in reference:
             torch.testing.assert_close(
-                params[key], reference[key], rtol=1e-5, atol=1e-6, msg=f"ZeRO-{stage} clipped {key}"
+                params[key], reference[key], rtol=1e-5, atol=1e-6, msg=f"{run} clipped {key}"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import random
@@ -11,6 +12,7 @@ import pytest
 import torch
 import webdataset as wds
 from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
 
 from clip_pipe.augment import TrainAugment
 from clip_pipe.data import (
@@ -100,6 +102,37 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     assert all(b["images"].shape[0] == 4 for b in batches)
     num_skipped = sum(b["num_skipped"] for b in batches)
     assert num_skipped >= 6  # 3 bad samples per pass, plus the truncated tar's errors
+
+
+def test_an_image_over_the_pixel_limit_is_skipped_before_decoding(tmp_path):
+    # 7000 x 6000 one-bit pixels: a 5 KB PNG that would decode to 126 MB of RGB.
+    bomb = io.BytesIO()
+    Image.new("1", (7000, 6000)).save(bomb, format="PNG")
+    with pytest.raises(ValueError, match="42000000 pixels, over the limit of 40000000"):
+        decode_uint8({"__key__": "bomb", "png": bomb.getvalue()})
+
+    folder = write_train_shards(tmp_path / "train", [4])
+    with wds.TarWriter(str(folder / "shard-000001.tar")) as writer:
+        writer.write({"__key__": "bomb", "png": bomb.getvalue(), "txt": "a decompression bomb"})
+    sizes = json.loads((folder / "sizes.json").read_text())
+    (folder / "sizes.json").write_text(json.dumps({**sizes, "shard-000001.tar": 1}))
+    stream = ImageTextStream(list_shards([str(folder)]), 4, PREPROCESS, TOKENIZER, 0, 1, 0, 0)
+    batches = list(itertools.islice(iter(stream), 2))  # 8 good samples from 10 read
+    assert sum(b["num_skipped"] for b in batches) == 2
+    assert not any("bomb" in key for b in batches for key in b["keys"])
+
+
+@pytest.mark.timeout(60)  # the bug this guards against made the loader spin forever
+def test_a_bug_in_the_augmentation_fails_the_loader_instead_of_skipping_every_sample(tmp_path):
+    class BrokenAugment(TrainAugment):
+        def crop(self, image, rng):
+            raise TypeError("a bug, not bad data")
+
+    folder = write_train_shards(tmp_path / "train", [8])
+    augment = BrokenAugment(16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    stream = ImageTextStream(list_shards([str(folder)]), 4, augment, TOKENIZER, 0, 1, 0, 0)
+    with pytest.raises(TypeError, match="a bug, not bad data"):
+        next(iter(batch_loader(stream, 0)))
 
 
 def test_missing_sizes_json_is_a_clear_error(tmp_path):

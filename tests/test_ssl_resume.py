@@ -1,6 +1,7 @@
 """The image–image term from the config, end to end: 2 ranks through `launch/train.py`, ZeRO-3 with 2
 micro-batches. A run stopped after 3 steps and resumed to 6 ends where an uninterrupted 6-step run does,
-so the projection head and its optimizer state are checkpointed and the views are drawn again exactly."""
+so the projection head and its optimizer state are checkpointed and the views are drawn again exactly.
+Resuming with the term switched off is refused as a user error, not a traceback."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def _runs(rank: int, world_size: int, train: str, out: str) -> None:
         main([*command, "run.steps=6", f"run.out_dir={out}/full"]),
         main([*command, "run.steps=3", f"run.out_dir={out}/resumed"]),
         main([*command, "run.steps=6", f"run.out_dir={out}/resumed", "--resume", "latest"]),
-    ]
+        # The term switched off: the checkpoint's head has no place in the model, a user error (exit 2).
+        main([*command, "loss.image_ssl_weight=0", "run.steps=8", f"run.out_dir={out}/resumed", "--resume", "latest"]),
+    ]  # fmt: skip
     Path(out, f"status{rank}.json").write_text(json.dumps(statuses))
 
 
@@ -39,7 +42,7 @@ def test_resumed_run_with_the_image_ssl_term_matches_the_uninterrupted_one(tmp_p
     out.mkdir()
     run_ranks(_runs, 2, str(color_shards), str(out), timeout=600)
     for rank in range(2):
-        assert json.loads((out / f"status{rank}.json").read_text()) == [0, 0, 0]
+        assert json.loads((out / f"status{rank}.json").read_text()) == [0, 0, 0, 2]
     expected = load_file(out / "full" / "model.safetensors")
     actual = load_file(out / "resumed" / "model.safetensors")
     stopped = load_file(out / "resumed" / "checkpoints" / "step_00000003" / "model.safetensors")
