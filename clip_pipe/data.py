@@ -182,20 +182,20 @@ def slot_samples(
             raise RuntimeError(f"loader slot {slot} read no samples in 10 epochs; are the shards readable?")
 
 
-def decode_uint8(sample: dict, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+def decode_uint8(sample: dict) -> torch.Tensor:
     """The sample's image as a uint8 RGB tensor (3, H, W), decoded by libjpeg/libpng/libwebp directly:
     8x faster than through PIL on small images, with no PIL object in between.
 
     Shards may come from anywhere, so the size is read from the header first (PIL parses only the
-    header here, a few microseconds) and an image over `max_pixels` is refused before any pixel is
+    header here, a few microseconds) and an image over `DEFAULT_MAX_IMAGE_PIXELS` is refused before any pixel is
     decoded: a decompression bomb in a shard costs one skipped sample, not the rank's memory."""
     for ext in IMAGE_EXTENSIONS:
         if ext in sample:
             with Image.open(io.BytesIO(sample[ext])) as header:
                 width, height = header.size
-            if width * height > max_pixels:
+            if width * height > DEFAULT_MAX_IMAGE_PIXELS:
                 raise ValueError(
-                    f"{width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+                    f"{width}x{height} = {width * height} pixels, over the limit of {DEFAULT_MAX_IMAGE_PIXELS}"
                 )
             data = torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8)
             image = decode_image_tensor(data, mode=ImageReadMode.RGB)
