@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from clip_pipe.distributed import DistEnv, env_from_os, export_env, threads_per_rank
 
 
@@ -43,3 +45,25 @@ def test_cores_are_split_between_local_ranks():
     one = threads_per_rank(DistEnv())
     assert threads_per_rank(DistEnv(0, 2, 0, 2)) == max(1, one // 2)
     assert threads_per_rank(DistEnv(0, 64, 0, 64)) == 1
+
+
+def _check_group_left_before_finalisation(rank: int, world_size: int, out: str) -> None:
+    import atexit
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from clip_pipe.engine import init_process_group
+
+    # atexit runs last-in first-out: registered before the group exists, this runs after the engine's hook.
+    atexit.register(lambda: Path(out, f"rank{rank}").write_text(str(dist.is_initialized())))
+    init_process_group(env_from_os())
+    dist.all_reduce(torch.ones(1))
+
+
+def test_ranks_leave_the_process_group_before_the_interpreter_is_torn_down(tmp_path):
+    """A group still alive at finalisation can abort a rank whose work succeeded (gloo's threads, SIGABRT)."""
+    from tests.conftest import run_ranks
+
+    run_ranks(_check_group_left_before_finalisation, 2, str(tmp_path))
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["False", "False"]
