@@ -7,6 +7,7 @@ names a JSON merged over it for deliberate overrides (DeepSpeed users' own setti
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import logging
 import os
@@ -50,6 +51,8 @@ def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
 
 def _leave_process_group() -> None:
     if torch.distributed.is_initialized():
+        # DeepSpeed engines live in reference cycles; free them (and any collective work they hold) first.
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 

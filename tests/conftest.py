@@ -85,6 +85,9 @@ def color_eval_set(tmp_path) -> Path:
 
 
 def _rank_entry(rank: int, fn, world_size: int, port: int, args: tuple, error_dir: str) -> None:
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal (SIGABRT, SIGSEGV) shows where it was
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
