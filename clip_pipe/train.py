@@ -241,6 +241,9 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
         for r in results.values():
             log.info("eval  %s", format_results(r))
         log.info("report: %s", run_dir / "report" / "index.html")
+    # All ranks leave together, once rank 0 has written the run's files: none tears down its side of the
+    # process group while a peer is still at work.
+    _sum_over_ranks(0, env.world_size, engine.device)
     return results
 
 

@@ -97,6 +97,11 @@ def _rank_entry(rank: int, fn, world_size: int, port: int, args: tuple, error_di
     except BaseException:
         Path(error_dir, f"rank{rank}.txt").write_text(traceback.format_exc())
         raise
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # leave together, as the trainer does: no rank tears down while a peer works
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 300) -> None:
