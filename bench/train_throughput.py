@@ -65,7 +65,7 @@ main([*sys.argv[1:], "--logs", os.environ["BENCH_OPEN_CLIP_LOGS"]])
 
 def ours(shards: Path, out: Path, steps: int, batch: int, precision: str, seed: int) -> list[str]:
     return [
-        "launch/train.py", "--config", "configs/fashion_mnist.yaml", f"data.train={shards}",
+        "launch/train.py", "--config", "configs/fashion_mnist.yaml", f"model.name={MODEL}", f"data.train={shards}",
         "eval.sets=[]", "eval.retrieval_sets=[]", "eval.linear_probe_train=null", f"data.batch_size={batch}", f"run.steps={steps}", f"run.out_dir={out}",
         f"run.checkpoint_every={steps}", "run.zero_stage=0", f"run.precision={precision}", "data.num_workers=0",
         "optim.lr=2e-3", "optim.warmup_steps=100", "optim.weight_decay=0.1", "optim.grad_clip=1.0",
