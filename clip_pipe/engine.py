@@ -42,9 +42,9 @@ def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
         # DeepSpeed's CPU shared-memory all-reduce is JIT-compiled on first use (30-60 s); tests skip it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False)
-    # Leave the group while the interpreter is still whole. Otherwise gloo's worker threads, which still
-    # hold finished async work (ZeRO-3's gathers), are torn down during finalisation, and a rank whose run
-    # succeeded dies of SIGABRT, "terminate called without an active exception" (pytorch#190489).
+    # Leave the group while the interpreter is still whole. Otherwise gloo's worker threads can be torn
+    # down during finalisation, and a rank whose run succeeded dies of SIGABRT, "terminate called without
+    # an active exception" (pytorch#190489).
     atexit.unregister(_leave_process_group)
     atexit.register(_leave_process_group)
 

@@ -99,9 +99,10 @@ def _rank_entry(rank: int, fn, world_size: int, port: int, args: tuple, error_di
         raise
     import torch.distributed as dist
 
-    if dist.is_initialized():  # leave together, as the trainer does: no rank tears down while a peer works
+    if (
+        dist.is_initialized()
+    ):  # leave together, as the trainer does; the engine's exit hook then leaves the group
         dist.barrier()
-        dist.destroy_process_group()
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 300) -> None:
