@@ -99,9 +99,8 @@ def _rank_entry(rank: int, fn, world_size: int, port: int, args: tuple, error_di
         raise
     import torch.distributed as dist
 
-    if (
-        dist.is_initialized()
-    ):  # leave together, as the trainer does; the engine's exit hook then leaves the group
+    # Leave together, as the trainer does; the engine's exit hook then leaves the group.
+    if dist.is_initialized():
         dist.barrier()
 
 
