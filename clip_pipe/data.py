@@ -37,7 +37,9 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_image_tensor
 
 from clip_pipe.augment import TrainAugment
+from clip_pipe.image_size import image_size
 from clip_pipe.limits import DEFAULT_MAX_IMAGE_PIXELS
+from clip_pipe.tar import TarError, tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +137,13 @@ def epoch_samples(
     """One epoch of raw samples (dicts of bytes) for one loader slot, in shard order, unshuffled."""
     for shard_index, part, num_parts in assign_shards(len(shards), slot, num_slots, seed, epoch):
         shard, num_read = shards[shard_index], 0
-        samples = wds.tariterators.tarfile_samples([{"url": shard.url}], handler=errors.tar_error)
-        for i, sample in enumerate(samples):
-            if i % num_parts == part:
-                num_read += 1
-                yield sample
+        try:
+            for i, sample in enumerate(tar_samples(shard.url)):
+                if i % num_parts == part:
+                    num_read += 1
+                    yield sample
+        except (OSError, TarError) as exn:  # the samples after it are lost, and counted just below
+            errors.tar_error(exn)
         errors.missing(shard.url, len(range(part, shard.num_samples, num_parts)) - num_read)
 
 
@@ -186,13 +190,16 @@ def decode_uint8(sample: dict) -> torch.Tensor:
     """The sample's image as a uint8 RGB tensor (3, H, W), decoded by libjpeg/libpng/libwebp directly:
     8x faster than through PIL on small images, with no PIL object in between.
 
-    Shards may come from anywhere, so the size is read from the header first (PIL parses only the
-    header here, a few microseconds) and an image over `DEFAULT_MAX_IMAGE_PIXELS` is refused before any pixel is
+    Shards may come from anywhere, so the size is read from the header first (`image_size`; PIL for
+    formats other than JPEG and PNG) and an image over `DEFAULT_MAX_IMAGE_PIXELS` is refused before any pixel is
     decoded: a decompression bomb in a shard costs one skipped sample, not the rank's memory."""
     for ext in IMAGE_EXTENSIONS:
         if ext in sample:
-            with Image.open(io.BytesIO(sample[ext])) as header:
-                width, height = header.size
+            size = image_size(sample[ext])
+            if size is None:  # not a JPEG or PNG: PIL reads the header (and only the header)
+                with Image.open(io.BytesIO(sample[ext])) as header:
+                    size = header.size
+            width, height = size
             if width * height > DEFAULT_MAX_IMAGE_PIXELS:
                 raise ValueError(
                     f"{width}x{height} = {width * height} pixels, over the limit of {DEFAULT_MAX_IMAGE_PIXELS}"
