@@ -13,7 +13,7 @@ import logging
 import os
 import pickle
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.utils import clip_grad_norm_
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clip_pipe.checkpoints import save_file
 from clip_pipe.config import TrainConfig
@@ -94,6 +95,17 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return config
 
 
+def reduces_sparse_gradients(config: dict[str, Any]) -> bool:
+    """Whether DeepSpeed reduces sparse gradients as such under `config`: only at ZeRO-0 without its
+    16-bit optimizers, the one path where it reduces gradients itself, tensor by tensor (ZeRO 1-3 and
+    the bf16/fp16 optimizers flatten them into buffers)."""
+    return (
+        config["zero_optimization"].get("stage", 0) == 0
+        and not config.get("bf16", {}).get("enabled")
+        and not config.get("fp16", {}).get("enabled")
+    )
+
+
 def _merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
@@ -154,14 +166,36 @@ class Engine:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, world_size: int):
         self.config = deepspeed_config(cfg, world_size)
+        # The token embedding is most of a small CLIP's parameters (3.2M of the demo's 3.4M), but a
+        # batch uses a few hundred of its 49,408 rows. A dense gradient zero-fills, all-reduces and copies
+        # the whole table every step; a sparse one sends the rows used, and is made dense again after the
+        # reduction, for clipping and AdamW, so the step is the same (weight decay and moments still
+        # reach every row). 1.2x the demo model's samples/s at fp32 (docs/benchmarks.md).
+        self.sparse_params = []
+        if reduces_sparse_gradients(self.config):
+            for module in model.modules():
+                if isinstance(module, nn.Embedding):
+                    module.sparse = True
+                    self.sparse_params.append(module.weight)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.config
         )
         self.ds.checkpoint_engine = WeightsOnlyCheckpointEngine(self.ds._config)
         if not self.ds.zero_optimization() and cfg.run.precision == "fp32":
             self.ds.clip_fp32_gradients = self._clip_fp32_gradients
-        self.dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
+        if self.sparse_params:
+            self._allreduce_gradients = self.ds.allreduce_gradients
+            self.ds.allreduce_gradients = self._allreduce_then_densify
+        self.bf16 = cfg.run.precision == "bf16"
+        self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.accum_steps = self.ds.gradient_accumulation_steps()
+
+    def _allreduce_then_densify(self, *args, **kwargs) -> None:
+        self._allreduce_gradients(*args, **kwargs)
+        if self.ds.is_gradient_accumulation_boundary():
+            for p in self.sparse_params:
+                if p.grad is not None and p.grad.is_sparse:
+                    p.grad = p.grad.to_dense()  # sums the rows every rank sent (and repeats within one)
 
     def _clip_fp32_gradients(self) -> None:
         # At ZeRO-0 in fp32 DeepSpeed clips here but drops the norm it computed, so get_global_grad_norm()
@@ -191,13 +225,22 @@ class Engine:
         if views is not None:
             images = torch.cat([images, views.to(self.device, self.dtype).flatten(0, 1)])  # (3B, 3, H, W)
         # open_clip returns a fourth output, logit_bias, for models built with one (SigLIP).
-        all_image_features, text_features, *scale_and_bias = self.ds(images, texts)
+        with self._attention_kernel():
+            all_image_features, text_features, *scale_and_bias = self.ds(images, texts)
         outputs = dict(zip(SHARED_OUTPUTS, scale_and_bias, strict=False))
         outputs.update(image_features=all_image_features[:num_images], text_features=text_features)
         if views is not None:
             view_features = self.module.image_ssl_head(all_image_features[num_images:])  # (2B, D)
             outputs["view_features"] = view_features.unflatten(0, (num_images, -1))  # (B, 2, D)
         return outputs
+
+    def _attention_kernel(self):
+        # On CPUs, torch's fused (flash) attention backward in bf16 is 4x slower than the whole rest of
+        # the demo model's backward; the plain matmul-softmax-matmul path is not (docs/benchmarks.md).
+        # GPUs keep the fused kernels.
+        if self.device.type == "cpu" and self.bf16:
+            return sdpa_kernel([SDPBackend.MATH])
+        return nullcontext()
 
     def train_step(
         self,

@@ -71,6 +71,8 @@ def _train_ranks(rank: int, world_size: int, out: str) -> None:
         for step in range(NUM_STEPS):
             images, texts = global_batch(step, encoder.tokenizer)
             engine.train_step(images[rows], texts[rows], loss_fn, lr_at(step, cfg.optim, NUM_STEPS))
+        if stage == 0:  # the token embedding's gradient travels sparse here, so that path is the one tested
+            assert engine.sparse_params == [engine.module.token_embedding.weight]
         if stage == 3:  # really partitioned: each rank holds a slice of every parameter
             assert all(p.numel() == 0 for p in engine.module.parameters())
         weights = engine.export_state_dict()  # collective: ZeRO-3 gathers onto rank 0
@@ -211,3 +213,46 @@ def test_generated_deepspeed_config_is_explicit_and_user_json_overrides_it(tmp_p
     user.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         deepspeed_config(cfg, world_size=4)
+
+
+@pytest.mark.parametrize(
+    "overrides, sparse",
+    [
+        ([], True),
+        (["run.precision=bf16"], False),  # DeepSpeed's bf16 optimizer flattens gradients into buffers
+        (["run.zero_stage=1"], False),  # so does ZeRO
+        (["run.zero_stage=3"], False),
+    ],
+)
+def test_embedding_gradients_are_sparse_only_where_deepspeed_reduces_them_so(overrides, sparse):
+    from clip_pipe.engine import deepspeed_config, reduces_sparse_gradients
+
+    cfg = make_cfg(0, None, *overrides)
+    assert reduces_sparse_gradients(deepspeed_config(cfg, world_size=2)) is sparse
+
+
+def _attention_kernels(rank: int, world_size: int, out: str) -> None:
+    from clip_pipe.distributed import env_from_os
+    from clip_pipe.engine import Engine, init_process_group
+
+    torch.set_num_threads(1)
+    init_process_group(env_from_os())
+    kernels = {}
+    for precision in ("fp32", "bf16"):
+        cfg = make_cfg(0, None, f"run.precision={precision}")
+        encoder = build_model(cfg.model)
+        engine = Engine(encoder.model, cfg, world_size)
+        images, texts = global_batch(0, encoder.tokenizer)
+        with torch.profiler.profile() as prof:
+            engine.train_step(images, texts, ClipLoss(rank, world_size), 1e-3)
+        kernels[precision] = sorted({e.name for e in prof.events() if "scaled_dot_product" in e.name})
+    Path(out).write_text(json.dumps(kernels))
+
+
+def test_bf16_attention_on_cpu_avoids_the_fused_kernel_whose_backward_is_slow(tmp_path):
+    # torch's fused CPU attention backward in bf16 cost 4x the rest of the demo model's backward.
+    run_ranks(_attention_kernels, 1, str(tmp_path / "kernels.json"))
+    kernels = json.loads((tmp_path / "kernels.json").read_text())
+    assert any("flash_attention_for_cpu_backward" in name for name in kernels["fp32"])  # fp32 keeps it
+    assert not any("flash" in name for name in kernels["bf16"]), kernels["bf16"]
+    assert any("attention_math" in name for name in kernels["bf16"]), kernels["bf16"]
