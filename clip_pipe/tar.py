@@ -85,7 +85,7 @@ def _members(stream: BinaryIO, max_bytes: int, path: str) -> Iterator[tuple[str,
         if not _checksum_ok(header):
             raise TarError(f"bad header checksum at byte {offset}")
         kind = header[156]
-        size = int(pax["size"]) if "size" in pax else _size(header, offset)
+        size = _pax_size(pax["size"], offset) if "size" in pax else _size(header, offset)
         if size > max_bytes:
             # A corrupt size field: reading it would allocate that much before finding out.
             raise TarError(f"the member at byte {offset} claims {size} bytes, more than the shard holds")
@@ -160,6 +160,12 @@ def _size(header: bytes, offset: int) -> int:
         return int(field.replace(b"\0", b" ").strip() or b"0", 8)
     except ValueError:
         raise TarError(f"unreadable size {field!r} in the header at byte {offset}") from None
+
+
+def _pax_size(value: str, offset: int) -> int:
+    if not value.isdigit():
+        raise TarError(f"unreadable pax size {value!r} for the member at byte {offset}")
+    return int(value)
 
 
 def _pax_records(data: bytes, offset: int) -> dict[str, str]:

@@ -162,3 +162,14 @@ def test_a_cut_or_corrupt_gzip_stream_is_a_tar_error(tmp_path):
     (tmp_path / "corrupt.tar.gz").write_bytes(bytes(corrupt))
     with pytest.raises(TarError):
         list(tar_samples(str(tmp_path / "corrupt.tar.gz")))
+
+
+def test_a_malformed_pax_header_is_a_tar_error(tmp_path):
+    good = tarfile.TarInfo("000.txt")
+    good.size = 3
+    info = tarfile.TarInfo("001.txt")
+    info.pax_headers = {"size": "12x"}  # not a number
+    data = good.tobuf(tarfile.PAX_FORMAT) + b"abc".ljust(512, b"\0") + info.tobuf(tarfile.PAX_FORMAT)
+    (tmp_path / "shard.tar").write_bytes(data + bytes(1024))
+    with pytest.raises(TarError, match="unreadable pax size '12x'"):
+        list(tar_samples(str(tmp_path / "shard.tar")))
