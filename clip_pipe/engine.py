@@ -36,7 +36,9 @@ deepspeed.utils.logger.setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
 # DeepSpeed rebuilds reduced sparse gradients from our own embedding's indices; torch's note that it
 # does not re-check them is about that call, not anything the user did.
-warnings.filterwarnings("ignore", message=r"Sparse invariant checks are implicitly disabled", category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message=r"Sparse invariant checks are implicitly disabled", category=UserWarning
+)
 
 
 def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
