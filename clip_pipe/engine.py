@@ -175,7 +175,7 @@ class Engine:
         # batch uses a few hundred of its 49,408 rows. A dense gradient zero-fills, all-reduces and copies
         # the whole table every step; a sparse one sends the rows used, and is made dense again after the
         # reduction, for clipping and AdamW, so the step is the same (weight decay and moments still
-        # reach every row). 1.2x the demo model's samples/s at fp32 (docs/benchmarks.md).
+        # reach every row). 1.16x the throughput benchmark's samples/s at fp32 (docs/benchmarks.md).
         self.sparse_params = []
         if reduces_sparse_gradients(self.config):
             for module in model.modules():

@@ -1,8 +1,8 @@
 """An image's width and height from its first bytes, before any pixel is decoded.
 
 The loader refuses decompression bombs from the header. PIL's `Image.open` reads it too, but parses
-every JPEG segment in Python on the way: about a quarter of the loader's per-sample time on the
-demo's small images. JPEG and PNG, nearly every shard's images, are read here directly; anything
+every JPEG segment in Python on the way: 16 us a sample on the demo's JPEGs, against 1.2 us here, out
+of a loader that now spends about 66 us a sample. JPEG and PNG, nearly every shard's images, are read here directly; anything
 else, or anything unusual, is left to PIL (`None`).
 """
 

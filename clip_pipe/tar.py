@@ -2,7 +2,7 @@
 
 Python's `tarfile` parses every field of every header (owner, times, devices, ...) in Python, and
 webdataset adds a generator stage per member and per sample; together that was the loader's largest
-cost, some 115 us per 4-member sample on the demo's shards, in the same thread as the trainer's
+cost, 81 us per 4-member sample on the demo's shards (this reader: 20 us), in the same thread as the trainer's
 Python. Only the name, size, type and checksum matter here, so this reader parses just those:
 ustar, GNU (long names, base-256 sizes) and pax (path and size records, global headers) as
 `tarfile` writes and reads them, optionally gzip-compressed. `tests/test_tar.py` checks it against
@@ -48,19 +48,22 @@ def tar_samples(path: str) -> Iterator[dict]:
             # deflate expands at most 1032-fold; the bound only guards against absurd member sizes
             stream, num_bytes = gzip.GzipFile(fileobj=raw), 1032 * num_bytes
         sample: dict | None = None
-        for name, data in _gzip_errors_as_tar_errors(_members(stream, num_bytes, path)):
-            match = _KEY_AND_EXT.match(name)
-            if match is None or _SKIP_META.match(name):
-                continue
-            key, ext = match.group(1), match.group(2).lower()
-            if sample is None or key != sample["__key__"]:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key, "__url__": path}
-            if ext in sample:
-                log.warning("%s: duplicate member %s; the first one is kept", path, name)
-                continue
-            sample[ext] = data
+        try:
+            for name, data in _members(stream, num_bytes, path):
+                match = _KEY_AND_EXT.match(name)
+                if match is None or _SKIP_META.match(name):
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if sample is None or key != sample["__key__"]:
+                    if sample is not None:
+                        yield sample
+                    sample = {"__key__": key, "__url__": path}
+                if ext in sample:
+                    log.warning("%s: duplicate member %s; the first one is kept", path, name)
+                    continue
+                sample[ext] = data
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a cut or corrupt .tar.gz
+            raise TarError(f"unreadable gzip stream: {e}") from None
         if sample is not None:
             yield sample
 
@@ -120,21 +123,8 @@ def _members(stream: BinaryIO, max_bytes: int, path: str) -> Iterator[tuple[str,
             name = _text(prefix) + "/" + name
         name = pax.get("path") or long_name or global_pax.get("path") or name
         pax, long_name = {}, None
-        if kind in _REGULAR and name.endswith("/"):
-            continue  # an old-style directory
-        if kind in _REGULAR:
+        if kind in _REGULAR and not name.endswith("/"):  # a trailing slash: an old-style directory
             yield name, data
-
-
-def _gzip_errors_as_tar_errors(members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
-    while True:
-        try:
-            member = next(members)
-        except StopIteration:
-            return
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a cut or corrupt .tar.gz
-            raise TarError(f"unreadable gzip stream: {e}") from None
-        yield member
 
 
 def _checksum_ok(header: bytes) -> bool:

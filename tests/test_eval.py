@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -323,3 +324,19 @@ def test_holdout_splits_by_image_and_copies_samples_unchanged(tmp_path):
     images = lambda group: {json.loads(s["json"])["sha256"] for s in group.values()}  # noqa: E731
     assert not images(kept) & images(held)
     assert read_eval_set(heldout).kind == "retrieval"
+
+
+def test_a_truncated_eval_shard_is_counted_not_fatal(tmp_path):
+    from clip_pipe.data import SampleErrors
+    from clip_pipe.eval.sets import eval_samples
+
+    folder = write_eval_set(tmp_path / "eval", num_samples=40)
+    shard = folder / "test" / "0.tar"
+    with tarfile.open(shard) as tar:
+        cut = tar.getmembers()[41].offset_data + 10  # inside the 21st sample's image
+    shard.write_bytes(shard.read_bytes()[:cut])
+    errors = SampleErrors()
+    samples = list(eval_samples(read_eval_set(folder), 0, 1, errors))
+    assert len(samples) == 20  # the samples before the cut are evaluated
+    assert [s.index for s in samples] == list(range(len(samples)))
+    assert errors.num_skipped == 1  # the cut, reported with its reason

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import webdataset as wds
 from PIL import Image
 
 from clip_pipe.data import SampleErrors, decode_image, list_shards
+from clip_pipe.tar import TarError, tar_samples
 
 Kind = Literal["classification", "retrieval"]
 
@@ -93,7 +93,7 @@ def _clip_benchmark_shards(root: Path, split: str) -> list[str]:
 def eval_samples(eval_set: EvalSet, rank: int, world_size: int, errors: SampleErrors) -> Iterator[EvalSample]:
     """This rank's share of the set, decoded: every world_size-th sample, so ranks split it evenly.
     Unreadable samples are counted in `errors` and skipped; the others keep their index."""
-    samples = wds.tariterators.tarfile_samples([{"url": u} for u in eval_set.shard_urls], handler=errors)
+    samples = _shard_samples(eval_set.shard_urls, errors)
     num_classes = len(eval_set.classnames) if eval_set.classnames else None
     for index, sample in enumerate(samples):
         if index % world_size != rank:
@@ -101,6 +101,18 @@ def eval_samples(eval_set: EvalSet, rank: int, world_size: int, errors: SampleEr
         try:
             yield _decode(sample, index, eval_set.kind, num_classes)
         except Exception as exn:  # counted and reported, never fatal
+            errors(exn)
+
+
+def _shard_samples(urls: list[str], errors: SampleErrors | None) -> Iterator[dict]:
+    """The samples of every shard in order; an unreadable rest of a shard is counted in `errors`
+    (raised without it) and the next shard read."""
+    for url in urls:
+        try:
+            yield from tar_samples(url)
+        except (OSError, TarError) as exn:
+            if errors is None:
+                raise
             errors(exn)
 
 
@@ -126,7 +138,7 @@ def _decode(sample: dict, index: int, kind: Kind, num_classes: int | None) -> Ev
 def read_images(eval_set: EvalSet, keys: set[str]) -> dict[str, Image.Image]:
     """The images of the samples named `keys` (one pass over the shards), e.g. for a report's pictures."""
     found = {}
-    for sample in wds.tariterators.tarfile_samples([{"url": u} for u in eval_set.shard_urls]):
+    for sample in _shard_samples(eval_set.shard_urls, errors=None):
         if sample["__key__"] in keys:
             found[sample["__key__"]] = decode_image(sample)
             if len(found) == len(keys):
