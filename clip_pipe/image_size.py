@@ -10,7 +10,7 @@ from __future__ import annotations
 
 # Start-of-frame markers: baseline, extended, progressive, lossless, arithmetic (not C4, C8, CC).
 _JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
-# Markers without a length field: TEM and the restart markers.
+# Markers without a length field (TEM, restarts); before a frame header they mean a malformed file.
 _JPEG_STANDALONE = frozenset((0x01, *range(0xD0, 0xD8)))
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -29,16 +29,13 @@ def image_size(data: bytes) -> tuple[int, int] | None:
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
             continue
-        if marker in _JPEG_STANDALONE:
-            pos += 2
-            continue
         if marker in _JPEG_SOF:
             if pos + 9 > len(data):
                 return None
             return int.from_bytes(data[pos + 7 : pos + 9], "big"), int.from_bytes(
                 data[pos + 5 : pos + 7], "big"
             )
-        if marker in (0xD9, 0xDA):  # end of image, or the scan, before any frame header
+        if marker in (0xD9, 0xDA) or marker in _JPEG_STANDALONE:  # no frame header where one must be
             return None
         pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
     return None

@@ -73,6 +73,7 @@ def _train_ranks(rank: int, world_size: int, out: str) -> None:
             engine.train_step(images[rows], texts[rows], loss_fn, lr_at(step, cfg.optim, NUM_STEPS))
         if stage == 0:  # the token embedding's gradient travels sparse here, so that path is the one tested
             assert engine.sparse_params == [engine.module.token_embedding.weight]
+            assert engine.module.token_embedding.sparse
         if stage == 3:  # really partitioned: each rank holds a slice of every parameter
             assert all(p.numel() == 0 for p in engine.module.parameters())
         weights = engine.export_state_dict()  # collective: ZeRO-3 gathers onto rank 0
