@@ -57,7 +57,7 @@ def test_other_formats_are_left_to_pil(fmt):
         b"\xff\xd8garbage",
         b"\x89PNG\r\n",
         # a restart marker before the frame header, then bytes that would read as a 1 x 1 frame
-        b"\xff\xd8\xff\xd0\xff\xc0\x00\x11\x08\x00\x01\x00\x01\x03",
+        b"\xff\xd8\xff\xd0\x00\x02\xff\xc0\x00\x11\x08\x00\x01\x00\x01\x03",
     ],
 )
 def test_cut_or_odd_headers_are_left_to_pil(data):
