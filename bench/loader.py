@@ -31,7 +31,6 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from bench.common import machine_description
-from clip_pipe.augment import TrainAugment
 from clip_pipe.config import ModelConfig
 from clip_pipe.data import (
     CachedTokenizer,
@@ -41,6 +40,7 @@ from clip_pipe.data import (
     epoch_samples,
     list_shards,
 )
+from clip_pipe.data.augment import TrainAugment
 from clip_pipe.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]

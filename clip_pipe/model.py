@@ -22,9 +22,9 @@ from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
 
-from clip_pipe.augment import TrainAugment
 from clip_pipe.checkpoints import save_file
 from clip_pipe.config import LossConfig, ModelConfig
+from clip_pipe.data.augment import TrainAugment
 from clip_pipe.losses.siglip import INIT_LOGIT_BIAS, INIT_LOGIT_SCALE
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -40,7 +40,7 @@ class DualEncoder:
 
     model: nn.Module
     model_cfg: dict[str, Any]
-    preprocess_train: TrainAugment  # uint8 crop per sample, normalised per batch (clip_pipe.augment)
+    preprocess_train: TrainAugment  # uint8 crop per sample, normalised per batch (clip_pipe.data.augment)
     preprocess_val: Any
     tokenizer: Any
 

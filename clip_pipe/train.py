@@ -31,6 +31,7 @@ from tqdm import tqdm
 from clip_pipe.checkpoints import set_latest
 from clip_pipe.config import OptimConfig, TrainConfig, save_config
 from clip_pipe.data import ImageTextStream, LoaderPosition, batch_loader, list_shards
+from clip_pipe.data.views import TwoViews
 from clip_pipe.distributed import env_from_os, threads_per_rank
 from clip_pipe.engine import Engine, init_process_group
 from clip_pipe.eval import configured_sets, embed, format_results, logged_metrics, score_on_main
@@ -40,7 +41,6 @@ from clip_pipe.losses import MAX_LOGIT_SCALE, build_loss
 from clip_pipe.losses.ssl import NtXentLoss, WithImageSsl
 from clip_pipe.metrics import MetricsLog, plot_metrics, setup_logging
 from clip_pipe.model import DualEncoder, add_image_ssl_head, build_model, save_export
-from clip_pipe.views import TwoViews
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ import webdataset as wds
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from clip_pipe.augment import TrainAugment
 from clip_pipe.data import (
     CachedTokenizer,
     ImageTextStream,
@@ -27,6 +26,7 @@ from clip_pipe.data import (
     list_shards,
     slot_samples,
 )
+from clip_pipe.data.augment import TrainAugment
 from tests.conftest import write_train_shards
 
 PREPROCESS = TrainAugment(16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

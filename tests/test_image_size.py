@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from clip_pipe.data import decode_uint8
-from clip_pipe.image_size import image_size
+from clip_pipe.data.image_size import image_size
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

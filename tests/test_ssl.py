@@ -11,13 +11,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from clip_pipe.augment import TrainAugment
 from clip_pipe.config import ImageSslConfig, ModelConfig, load_config
 from clip_pipe.data import ImageTextStream, LoaderPosition, list_shards
+from clip_pipe.data.augment import TrainAugment
+from clip_pipe.data.views import TwoViews
 from clip_pipe.losses import ClipLoss
 from clip_pipe.losses.ssl import NtXentLoss, WithImageSsl
 from clip_pipe.model import add_image_ssl_head, build_model, export_state_dict, save_export
-from clip_pipe.views import TwoViews
 from tests.conftest import run_ranks
 
 NUM_LOCAL, DIM = 5, 8
@@ -138,21 +138,21 @@ def test_two_views_are_random_but_seeded_and_configurable():
 
 def test_stream_views_come_from_one_decode_and_resume_exactly(color_shards, monkeypatch):
 
-    import clip_pipe.data
+    import clip_pipe.data.stream
 
     shards = list_shards([str(color_shards)])
     tokenizer = open_clip.get_tokenizer("clip-pipe-test")
     augment = TrainAugment(16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     views = TwoViews(ImageSslConfig(), PREPROCESS_CFG)
     num_decodes = 0
-    real_decode = clip_pipe.data.decode_uint8
+    real_decode = clip_pipe.data.stream.decode_uint8
 
     def counting_decode(sample):
         nonlocal num_decodes
         num_decodes += 1
         return real_decode(sample)
 
-    monkeypatch.setattr(clip_pipe.data, "decode_uint8", counting_decode)
+    monkeypatch.setattr(clip_pipe.data.stream, "decode_uint8", counting_decode)
 
     def batches(with_views=True, start=None, num_batches=12):
         stream = ImageTextStream(

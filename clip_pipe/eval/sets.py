@@ -24,7 +24,7 @@ from typing import Literal
 from PIL import Image
 
 from clip_pipe.data import SampleErrors, decode_image, list_shards
-from clip_pipe.tar import TarError, tar_samples
+from clip_pipe.data.tar import TarError, tar_samples
 
 Kind = Literal["classification", "retrieval"]
 

@@ -15,9 +15,7 @@ position and a resumed run can carry on at the very next sample (`LoaderPosition
 
 from __future__ import annotations
 
-import io
 import itertools
-import json
 import logging
 import queue
 import random
@@ -26,68 +24,18 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_image as decode_image_tensor
 
-from clip_pipe.augment import TrainAugment
-from clip_pipe.image_size import image_size
-from clip_pipe.limits import DEFAULT_MAX_IMAGE_PIXELS
-from clip_pipe.tar import TarError, tar_samples
+from clip_pipe.data.augment import TrainAugment
+from clip_pipe.data.decode import decode_uint8
+from clip_pipe.data.order import LoaderPosition, SlotPosition, assign_shards, seed_of
+from clip_pipe.data.sources import Shard
+from clip_pipe.data.tar import TarError, tar_samples
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-
-@dataclass(frozen=True)
-class Shard:
-    url: str
-    num_samples: int
-
-
-def list_shards(folders: list[str]) -> list[Shard]:
-    """The shards of one or more shard folders, from each folder's `sizes.json`."""
-    shards = []
-    for folder in map(Path, folders):
-        sizes_path = folder / "sizes.json"
-        if not sizes_path.is_file():
-            raise ValueError(
-                f"{folder}: no sizes.json; is this a folder written by data_prep/make_shards.py?"
-            )
-        sizes = json.loads(sizes_path.read_text())
-        for name in sorted(sizes):
-            if not (folder / name).is_file():
-                raise ValueError(f"{folder}: sizes.json lists {name}, which does not exist")
-            # Data prep fixes shard numbers by input position, so a shard whose rows were all rejected
-            # holds no samples; a loader slot given only such shards would read nothing.
-            if int(sizes[name]) > 0:
-                shards.append(Shard(str(folder / name), int(sizes[name])))
-    if not shards or sum(s.num_samples for s in shards) == 0:
-        raise ValueError(f"no samples in {folders}")
-    return shards
-
-
-def assign_shards(
-    num_shards: int, slot: int, num_slots: int, seed: int, epoch: int
-) -> list[tuple[int, int, int]]:
-    """This slot's work for one epoch: (shard index, part, num_parts) triples.
-
-    A slot reads samples `i` of its shard with `i % num_parts == part`. Shards are split into parts
-    only when there are fewer shards than slots, so that every slot gets work.
-    """
-    assert 0 <= slot < num_slots and num_shards > 0
-    num_parts = -(-num_slots // num_shards)  # ceil
-    order = list(range(num_shards))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    pieces = [(shard, part, num_parts) for part in range(num_parts) for shard in order]
-    return pieces[slot::num_slots]
 
 
 class SampleErrors:
@@ -116,21 +64,6 @@ class SampleErrors:
             log.warning("%s: %d samples unreadable (truncated or corrupt tar)", url, num_missing)
 
 
-@dataclass(frozen=True)
-class SlotPosition:
-    """How far one loader slot has read: `num_read` samples of epoch `epoch`'s shuffled order."""
-
-    epoch: int = 0
-    num_read: int = 0
-
-
-def _seed(*parts: int) -> int:
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + part) % 2**63
-    return value
-
-
 def epoch_samples(
     shards: list[Shard], slot: int, num_slots: int, seed: int, epoch: int, errors: SampleErrors
 ) -> Iterator[dict]:
@@ -154,7 +87,7 @@ def slot_samples(
     seed: int,
     errors: SampleErrors,
     shuffle_buffer: int = 0,
-    start: SlotPosition = SlotPosition(),
+    start: SlotPosition | None = None,
 ) -> Iterator[tuple[SlotPosition, dict]]:
     """An endless stream of (position after this sample, raw sample) for one loader slot.
 
@@ -166,11 +99,12 @@ def slot_samples(
     each epoch's end so that no epoch's order depends on the one before, and replay never reaches
     further back than the start of the current epoch.
     """
+    start = start or SlotPosition()
     num_empty_epochs, num_skipped_before = 0, errors.num_skipped
     for epoch in itertools.count(start.epoch):
         samples = epoch_samples(shards, slot, num_slots, seed, epoch, errors)
         if shuffle_buffer > 1:
-            rng = random.Random(_seed(seed, slot, epoch))
+            rng = random.Random(seed_of(seed, slot, epoch))
             samples = wds.shuffle(shuffle_buffer, shuffle_buffer // 4, rng=rng)(samples)
         num_read = 0
         for sample in samples:
@@ -184,67 +118,6 @@ def slot_samples(
         num_empty_epochs = 0 if num_read else num_empty_epochs + 1
         if num_empty_epochs >= 10:
             raise RuntimeError(f"loader slot {slot} read no samples in 10 epochs; are the shards readable?")
-
-
-def decode_uint8(sample: dict) -> torch.Tensor:
-    """The sample's image as a uint8 RGB tensor (3, H, W), decoded by libjpeg/libpng/libwebp directly:
-    8x faster than through PIL on small images, with no PIL object in between.
-
-    Shards may come from anywhere, so the size is read from the header first (`image_size`; PIL for
-    formats other than JPEG and PNG) and an image over `DEFAULT_MAX_IMAGE_PIXELS` is refused before any pixel is
-    decoded: a decompression bomb in a shard costs one skipped sample, not the rank's memory."""
-    for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            size = image_size(sample[ext])
-            if size is None:  # not a JPEG or PNG: PIL reads the header (and only the header)
-                with Image.open(io.BytesIO(sample[ext])) as header:
-                    size = header.size
-            width, height = size
-            if width * height > DEFAULT_MAX_IMAGE_PIXELS:
-                raise ValueError(
-                    f"{width}x{height} = {width * height} pixels, over the limit of {DEFAULT_MAX_IMAGE_PIXELS}"
-                )
-            data = torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8)
-            image = decode_image_tensor(data, mode=ImageReadMode.RGB)
-            if image.dtype == torch.uint16:  # a 16-bit PNG: keep the 8 high bits
-                image = (image.to(torch.int32) >> 8).to(torch.uint8)
-            return image
-    raise ValueError(f"sample {sample.get('__key__')} has no image ({', '.join(IMAGE_EXTENSIONS)})")
-
-
-def decode_image(sample: dict) -> Image.Image:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            with Image.open(io.BytesIO(sample[ext])) as image:
-                return image.convert("RGB")
-    raise ValueError(f"sample {sample.get('__key__')} has no image ({', '.join(IMAGE_EXTENSIONS)})")
-
-
-@dataclass
-class LoaderPosition:
-    """One rank's place in its data: batches the trainer has taken, and each loader worker's slot position.
-
-    Workers run ahead of the trainer (prefetch), so this is advanced from the batches actually consumed,
-    in the trainer's process, never from what the workers have read.
-    """
-
-    num_batches: int = 0
-    workers: list[SlotPosition] = field(default_factory=lambda: [SlotPosition()])
-
-    @classmethod
-    def start(cls, num_workers: int) -> LoaderPosition:
-        return cls(0, [SlotPosition()] * max(1, num_workers))
-
-    def advance(self, batch: dict) -> None:
-        self.num_batches += 1
-        self.workers[batch["worker"]] = SlotPosition(*batch["position"])
-
-    def to_dict(self) -> dict:
-        return {"num_batches": self.num_batches, "workers": [[p.epoch, p.num_read] for p in self.workers]}
-
-    @classmethod
-    def from_dict(cls, state: dict) -> LoaderPosition:
-        return cls(int(state["num_batches"]), [SlotPosition(int(e), int(n)) for e, n in state["workers"]])
 
 
 class ImageTextStream(IterableDataset):
@@ -304,7 +177,7 @@ class ImageTextStream(IterableDataset):
             # and counting it as a skipped sample would make the loader spin forever instead of failing.
             # The crop is drawn from a generator seeded by the sample's place in the stream alone, so a
             # resumed run crops exactly as the uninterrupted one would.
-            sample_seed = _seed(self.seed, slot, position.epoch, position.num_read)
+            sample_seed = seed_of(self.seed, slot, position.epoch, position.num_read)
             image = self.augment.crop(decoded, random.Random(sample_seed))
             views = None
             if self.views:
