@@ -33,7 +33,8 @@ from clip_pipe.data.augment import TrainAugment
 from clip_pipe.data.decode import decode_uint8
 from clip_pipe.data.order import LoaderPosition, SlotPosition, assign_shards, seed_of
 from clip_pipe.data.sources import Shard
-from clip_pipe.data.tar import TarError, tar_samples
+from clip_pipe.data.open import ShardReader
+from clip_pipe.data.tar import TarError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def epoch_samples(
     for shard_index, part, num_parts in assign_shards(len(shards), slot, num_slots, seed, epoch):
         shard, num_read = shards[shard_index], 0
         try:
-            for i, sample in enumerate(tar_samples(shard.url)):
+            for i, sample in enumerate(ShardReader().samples(shard.url)):
                 if i % num_parts == part:
                     num_read += 1
                     yield sample

@@ -15,6 +15,7 @@ name, the lower-cased rest is the extension; consecutive members with the same k
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import os
 import re
@@ -35,37 +36,49 @@ class TarError(ValueError):
     """The shard is not a readable tar from this point on (truncated, corrupt, unsupported)."""
 
 
-def tar_samples(path: str) -> Iterator[dict]:
-    """The samples of the tar at `path` in order, as dicts {"__key__", "__url__", ext: bytes, ...}.
+# Without a known shard size (a remote stream of unknown length), no member may claim more than this.
+MAX_MEMBER_BYTES = 2**31
 
+
+def tar_samples(path: str) -> Iterator[dict]:
+    """The samples of the tar file at `path`; see `read_tar`."""
+    with open(path, "rb", buffering=2**20) as raw:
+        yield from read_tar(raw, path, os.fstat(raw.fileno()).st_size)
+
+
+def read_tar(raw: BinaryIO, url: str, num_bytes: int | None = None) -> Iterator[dict]:
+    """The samples of the tar read from `raw` in order, as dicts {"__key__", "__url__", ext: bytes, ...}.
+
+    `num_bytes`, the stream's length where known, bounds what a (corrupt) size field may claim.
     Raises `TarError` where the archive stops being readable, after yielding every whole sample
     before that point; the sample that was being read then is dropped, not yielded incomplete.
     """
-    with open(path, "rb", buffering=2**20) as raw:
-        num_bytes = os.fstat(raw.fileno()).st_size
-        stream: BinaryIO = raw
-        if raw.peek(2)[:2] == b"\x1f\x8b":
-            # deflate expands at most 1032-fold; the bound only guards against absurd member sizes
-            stream, num_bytes = gzip.GzipFile(fileobj=raw), 1032 * num_bytes
-        sample: dict | None = None
-        try:
-            for name, data in _members(stream, num_bytes, path):
-                match = _KEY_AND_EXT.match(name)
-                if match is None or _SKIP_META.match(name):
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                if sample is None or key != sample["__key__"]:
-                    if sample is not None:
-                        yield sample
-                    sample = {"__key__": key, "__url__": path}
-                if ext in sample:
-                    log.warning("%s: duplicate member %s; the first one is kept", path, name)
-                    continue
-                sample[ext] = data
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a cut or corrupt .tar.gz
-            raise TarError(f"unreadable gzip stream: {e}") from None
-        if sample is not None:
-            yield sample
+    if not hasattr(raw, "peek"):
+        raw = io.BufferedReader(raw, buffer_size=2**20)
+    max_bytes = MAX_MEMBER_BYTES if num_bytes is None else num_bytes
+    stream: BinaryIO = raw
+    if raw.peek(2)[:2] == b"\x1f\x8b":
+        # deflate expands at most 1032-fold; the bound only guards against absurd member sizes
+        stream, max_bytes = gzip.GzipFile(fileobj=raw), 1032 * max_bytes
+    sample: dict | None = None
+    try:
+        for name, data in _members(stream, max_bytes, url):
+            match = _KEY_AND_EXT.match(name)
+            if match is None or _SKIP_META.match(name):
+                continue
+            key, ext = match.group(1), match.group(2).lower()
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            if ext in sample:
+                log.warning("%s: duplicate member %s; the first one is kept", url, name)
+                continue
+            sample[ext] = data
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a cut or corrupt .tar.gz
+        raise TarError(f"unreadable gzip stream: {e}") from None
+    if sample is not None:
+        yield sample
 
 
 def _members(stream: BinaryIO, max_bytes: int, path: str) -> Iterator[tuple[str, bytes]]:
