@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip_pipe.data.augment import TrainAugment
 from clip_pipe.data.decode import decode_uint8
+from clip_pipe.data.open import ShardReader
 from clip_pipe.data.order import LoaderPosition, SlotPosition, assign_shards, seed_of
 from clip_pipe.data.sources import Shard
-from clip_pipe.data.open import ShardReader
 from clip_pipe.data.tar import TarError
 
 log = logging.getLogger(__name__)
