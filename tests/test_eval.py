@@ -4,6 +4,7 @@ both CLIP_benchmark directions; the report rendered in a real headless browser."
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -12,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from clip_pipe.cli import main
 from clip_pipe.eval import embed, read_eval_set, score
@@ -54,19 +54,31 @@ def test_read_eval_set_detects_each_kind(tmp_path, sets):
 
 def reference_recall(emb, k: int) -> tuple[float, float]:
     """CLIP_benchmark's definition, written out: a (texts x images) positive-pair matrix; a query is a
-    hit when at least one positive is among its top k."""
+    hit when at least one positive is among its top k. Candidates tied with the best positive are
+    ordered at random, and each query counts its expected hit (the tie rule in eval/retrieval.py)."""
     images = sorted(set(emb.groups), key=emb.groups.index)
     image_of_text = [images.index(emb.groups[o]) for o in emb.text_owner.tolist()]
     first_rows = [emb.groups.index(g) for g in images]
-    scores = emb.texts @ emb.images[first_rows].T
-    positive = torch.zeros_like(scores, dtype=torch.bool)
-    positive[torch.arange(len(scores)), image_of_text] = True
+    scores = (emb.texts @ emb.images[first_rows].T).tolist()
+    positive = [[image_of_text[t] == i for i in range(len(images))] for t in range(len(scores))]
+
+    def expected_hit(s: list[float], p: list[bool]) -> float:
+        best = max(x for x, is_pos in zip(s, p, strict=True) if is_pos)
+        above = sum(x > best for x in s)
+        tied_pos = sum(x == best and is_pos for x, is_pos in zip(s, p, strict=True))
+        tied_neg = sum(x == best and not is_pos for x, is_pos in zip(s, p, strict=True))
+        slots = k - above
+        if slots <= 0:
+            return 0.0
+        if slots > tied_neg:  # room for a positive whatever the order
+            return 1.0
+        return 1 - math.comb(tied_neg, slots) / math.comb(tied_neg + tied_pos, slots)
 
     def recall(s, p):
-        top = s.topk(min(k, s.shape[1]), dim=1).indices
-        return float(p.gather(1, top).any(dim=1).float().mean())
+        return sum(map(expected_hit, s, p)) / len(s)
 
-    return recall(scores, positive), recall(scores.T, positive.T)
+    transpose = lambda m: [list(col) for col in zip(*m, strict=True)]  # noqa: E731
+    return recall(scores, positive), recall(transpose(scores), transpose(positive))
 
 
 def test_each_kind_scored_with_a_real_model(color_model, sets):

@@ -14,7 +14,7 @@ from clip_pipe.eval.clustering import kmeans_scores
 from clip_pipe.eval.embed import Embeddings, _merge
 from clip_pipe.eval.geometry import alignment, alignment_uniformity, uniformity
 from clip_pipe.eval.linear_probe import linear_probe
-from clip_pipe.eval.retrieval import retrieval_recall
+from clip_pipe.eval.retrieval import expected_hits, retrieval_recall
 from clip_pipe.eval.sets import EvalSet
 from clip_pipe.eval.zeroshot import zeroshot_classification
 
@@ -59,6 +59,44 @@ def test_retrieval_counts_an_image_once_with_all_its_captions():
     assert r["image_retrieval_recall@1"] == 1.0
     # image "a" (e1): best caption 0, its own. image "b" (e2): best caption 1 (0.0995), its own.
     assert r["text_retrieval_recall@1"] == 1.0
+
+
+def tied_embeddings(order: list[int]) -> Embeddings:
+    # Four images, all e1: every caption ties with all four. Caption i belongs to image i, and a fifth
+    # caption (e2) to image 3, so image 3 has two captions, of which one scores below the tie (0).
+    images = E[:1].repeat(4, 1)[order]
+    texts = unit([1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0])
+    owner = torch.tensor([order.index(i) for i in (0, 1, 2, 3, 3)])
+    return Embeddings(
+        "ties", images, [f"k{i}" for i in order], [f"g{i}" for i in order], texts=texts,
+        captions=[f"t{i}" for i in range(5)], text_owner=owner,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]])
+def test_retrieval_ties_count_their_expected_hit_whatever_the_order(order):
+    r = retrieval_recall(tied_embeddings(order), ks=(1, 2, 3, 4))
+    # text -> image: captions 0-3 tie with all 4 images, one of them theirs: P(hit@k) = k / 4. Caption 4
+    # (e2) scores 0 with every image: also a 4-way tie.
+    for k in (1, 2, 3, 4):
+        assert r[f"image_retrieval_recall@{k}"] == pytest.approx(k / 4)
+    # image -> text: every image ties with captions 0-3 (caption 4 scores 0, below). Each image owns one
+    # of the four tied captions: P(hit@k) = k / 4, whatever the order of the images or captions.
+    for k in (1, 2, 3, 4):
+        assert r[f"text_retrieval_recall@{k}"] == pytest.approx(k / 4)
+
+
+def test_retrieval_ties_with_several_positives_and_negatives_above():
+    # One image query against 6 captions: one negative above (0.9), then a 4-way tie at 0.5 holding 2
+    # positives and 2 negatives, then a positive below. R@1: 0. R@2: 1 slot for the tie: P = 2/4. R@3:
+    # 2 slots: P(miss) = C(2,2)/C(4,2) = 1/6. R@4: 3 slots > 2 negatives: a sure hit.
+    scores = torch.tensor([[0.9, 0.5, 0.5, 0.5, 0.5, 0.1]])
+    positive = torch.tensor([[False, True, False, True, False, True]])
+    hits = expected_hits(scores, positive, (1, 2, 3, 4))
+    assert hits == pytest.approx({1: 0.0, 2: 0.5, 3: 5 / 6, 4: 1.0})
+    # Permuting the candidates changes nothing.
+    perm = torch.tensor([5, 3, 0, 4, 2, 1])
+    assert expected_hits(scores[:, perm], positive[:, perm], (1, 2, 3, 4)) == pytest.approx(hits)
 
 
 def classification_embeddings() -> Embeddings:
