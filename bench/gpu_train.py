@@ -67,7 +67,7 @@ def make_shards(folder: Path, num_images: int, workers: int) -> Path:
 
 def ours(shards: Path, out: Path, steps: int, workers: int) -> list[str]:
     return [
-        "launch/train.py", "--config", "configs/vit_b32_laion.yaml", f"data.train={shards}", "eval.sets=[]",
+        "launch/train.py", "--config", "configs/vit_b32.yaml", f"data.train={shards}", "eval.sets=[]",
         f"data.batch_size={BATCH}", f"data.num_workers={workers}", f"run.steps={steps}", f"run.out_dir={out}",
         f"run.checkpoint_every={steps}", "run.zero_stage=0", "optim.warmup_steps=10", "run.threads_per_rank=4",
     ]  # fmt: skip

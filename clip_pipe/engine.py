@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pickle
+import platform
 import warnings
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -30,6 +31,7 @@ from clip_pipe.config import TrainConfig
 from clip_pipe.distributed import DistEnv, export_env
 from clip_pipe.model import to_export
 
+log = logging.getLogger(__name__)
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 deepspeed.utils.logger.setLevel(logging.WARNING)
 # DeepSpeed's ZeRO still calls the collective torch 2.14 renamed; the warning is theirs, not the user's.
@@ -132,6 +134,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def cpu_has_native_bf16(environ: dict | None = None) -> bool:
+    """Whether torch's CPU kernels run bf16 on bf16 hardware (avx512_bf16 or AMX) rather than emulating it.
+
+    Both the CPU and the kernels in use count: `ATEN_CPU_CAPABILITY` below avx512 or oneDNN capped below
+    its AVX-512 bf16 ISA (`ONEDNN_MAX_CPU_ISA`) emulate bf16 with fp32 arithmetic on any CPU.
+    """
+    environ = os.environ if environ is None else environ
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True  # no emulation to warn about that we can tell from here
+    hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    capped = environ.get("ONEDNN_MAX_CPU_ISA", environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    onednn_ok = capped == "ALL" or any(isa in capped for isa in ("BF16", "FP16", "AMX"))
+    return hardware and onednn_ok and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
     """DeepSpeed's checkpoint engine, but loading with `weights_only=True` (no arbitrary unpickling)."""
 
@@ -192,6 +209,12 @@ class Engine:
             self._allreduce_gradients = self.ds.allreduce_gradients
             self.ds.allreduce_gradients = self._allreduce_then_densify
         self.bf16 = cfg.run.precision == "bf16"
+        if self.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
+            log.warning(
+                "run.precision=bf16 on a CPU without bf16 instructions (no avx512_bf16 or AMX in use): bf16 "
+                "is emulated here and runs several times slower than fp32 (docs/benchmarks.md); "
+                "prefer run.precision=fp32 on this machine"
+            )
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.accum_steps = self.ds.gradient_accumulation_steps()
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from clip_pipe.config import TrainConfig, load_config
 from tests.conftest import REPO
@@ -61,8 +63,32 @@ def test_missing_train_data_is_an_error():
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(recipe):
-    cfg = load_config(recipe)
+    raw = yaml.safe_load(recipe.read_text())
+    if "train" in raw.get("data", {}):  # a recipe for its own data (the demo, the corpora, the tests)
+        cfg = load_config(recipe)
+    else:  # a recipe for the user's data: it names none, and no eval sets either
+        assert not raw.get("eval", {}).keys() & {"sets", "retrieval_sets", "linear_probe_train"}, raw["eval"]
+        with pytest.raises(ValueError, match=r"data\.train must name at least one shard folder"):
+            load_config(recipe)
+        cfg = load_config(recipe, ["data.train=/my/shards"])
     assert cfg.optim.grad_clip >= 0 and cfg.data.train
+
+
+@pytest.mark.slow
+def test_own_data_recipe_scores_the_users_eval_sets_only(tmp_path, color_shards, color_eval_set):
+    # The README's command for your own data, run where the demo's data may exist: only the set the user
+    # names is evaluated, with no retrieval or probe sets of the demo's.
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "launch/train.py", "--config", "configs/small.yaml", f"data.train={color_shards}",
+        f"eval.sets=[{color_eval_set}]", f"run.out_dir={run_dir}", "run.steps=2", "data.batch_size=16",
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "eval.json").read_text())
+    assert list(results) == [color_eval_set.name]
+    assert results[color_eval_set.name]["kind"] == "classification"
+    assert not any(key.startswith("linear_probe") for key in results[color_eval_set.name])
 
 
 def test_cli_reports_bad_key_without_traceback(tmp_path):
