@@ -50,7 +50,7 @@ def train_command(config: str, out: Path, steps: int, seed: int, overrides: list
 def run_training(args: list[str], num_ranks: int) -> float:
     """Run the trainer under torchrun (one thread per rank); returns the whole process's wall time."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_ranks}", *args]
-    env = {**os.environ, "CLIP_PIPE_SKIP_SHM_BUILD": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start

@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--no-open-clip", action="store_true", help="time clip-pipe (and --baseline) only")
     parser.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluations")
     args = parser.parse_args()
-    env = {**os.environ, "CLIP_PIPE_SKIP_SHM_BUILD": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     global_batch = 2 * args.batch
     checkouts = {"clip-pipe": REPO, **{b.split("=", 1)[0]: Path(b.split("=", 1)[1]) for b in args.baseline}}
     names = [*checkouts] + ([] if args.no_open_clip else ["open_clip_train"])

@@ -46,9 +46,11 @@ warnings.filterwarnings(
 def init_process_group(env: DistEnv, timeout_s: int = 1800) -> None:
     """Join the job's process group (NCCL on GPUs, gloo on CPUs; DeepSpeed picks)."""
     export_env(env)
-    if os.environ.get("CLIP_PIPE_SKIP_SHM_BUILD") == "1":
-        # DeepSpeed's CPU shared-memory all-reduce is JIT-compiled on first use (30-60 s); tests skip it.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # DeepSpeed JIT-compiles its CPU shared-memory all-reduce with g++ when the group starts (30-60 s on
+    # a machine's first run), but only its tensor-parallel inference layers call it
+    # (`inference_all_reduce`): training's all-reduce and all-gather are torch.distributed's (gloo) with
+    # or without it. So it is never built (docs/benchmarks.md: the same step time either way).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s), verbose=False)
     # Leave the group while the interpreter is still whole. Otherwise gloo's worker threads can be torn
     # down during finalisation, and a rank whose run succeeded dies of SIGABRT, "terminate called without

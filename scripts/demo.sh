@@ -15,8 +15,6 @@ if [ ! -f "$DATA/train/manifest.json" ] || [ ! -f "$DATA/val/test/manifest.json"
     python data_prep/fashion_mnist.py --out "$DATA" --workers 2
 fi
 
-# The CPU shared-memory all-reduce would be JIT-compiled first (about a minute); at this size gloo is as fast.
-export CLIP_PIPE_SKIP_SHM_BUILD=${CLIP_PIPE_SKIP_SHM_BUILD:-1}
 run_name="fashion_mnist_$(date +%Y%m%d_%H%M%S)"
 start=$(date +%s)
 deepspeed --num_gpus 2 launch/train.py --config configs/fashion_mnist.yaml "run.name=$run_name" "$@"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 
 from clip_pipe.distributed import DistEnv, env_from_os, export_env, threads_per_rank
@@ -67,3 +71,27 @@ def test_ranks_leave_the_process_group_before_the_interpreter_is_torn_down(tmp_p
 
     run_ranks(_check_group_left_before_finalisation, 2, str(tmp_path))
     assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["False", "False"]
+
+
+def _check_no_shm_build(rank: int, world_size: int, out: str) -> None:
+    import deepspeed.comm.comm as ds_comm
+
+    from clip_pipe.engine import init_process_group
+
+    init_process_group(env_from_os())
+    if rank == 0:
+        Path(out).write_text(json.dumps({"shm_comm_op": ds_comm.cdb.shm_comm_op is not None}))
+
+
+@pytest.mark.slow
+def test_deepspeed_shm_op_is_never_built(tmp_path, monkeypatch):
+    # Only DeepSpeed's tensor-parallel inference layers use the op, and its first build costs 30-60 s of
+    # g++: joining the group must neither build nor load it, without any variable set by the user.
+    extensions = tmp_path / "torch_extensions"
+    extensions.mkdir()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    from tests.conftest import run_ranks
+
+    run_ranks(_check_no_shm_build, 2, str(tmp_path / "out.json"))
+    assert json.loads((tmp_path / "out.json").read_text()) == {"shm_comm_op": False}
+    assert not any(extensions.rglob("*")), sorted(extensions.rglob("*"))
