@@ -5,7 +5,7 @@
 # Extra arguments are config overrides, e.g. `scripts/demo.sh run.steps=2000`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh demo  # the demo's packages only: the tests' SLURM and Chromium are not needed here
 export PATH="$PWD/.venv/bin:$PATH"
 
 DATA=data/fashion_mnist

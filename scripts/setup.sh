@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian-like machine: .venv with torch and clip-pipe (editable, with test
 # tools), and the Debian packages listed below where apt works.
+#   scripts/setup.sh        everything the tests use
+#   scripts/setup.sh demo   only what the demo needs (Fashion-MNIST): no SLURM, munge or Chromium
 # Re-running is a no-op unless pyproject.toml or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +27,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
-# Debian packages: the real data (Fashion-MNIST; Tux Paint stamps, GPL-2, and Noto Color Emoji, OFL, which
-# are built into shards here and never committed; libcairo2 renders their SVGs), a SLURM cluster the tests run on loopback,
-# and the headless browser a test renders the run report in.
-APT_PACKAGES="dataset-fashion-mnist tuxpaint-stamps-default fonts-noto-color-emoji unicode-data libcairo2
-    slurmctld slurmd slurm-client munge chromium"
+# Debian packages. The demo's real data: Fashion-MNIST. The tests' besides: Tux Paint stamps (GPL-2) and Noto
+# Color Emoji (OFL), built into shards here and never committed, with libcairo2 to render their SVGs; a
+# SLURM cluster they run on loopback; and the headless browser the run report is rendered in.
+APT_PACKAGES="dataset-fashion-mnist"
+if [ "${1:-test}" != demo ]; then
+    APT_PACKAGES="$APT_PACKAGES tuxpaint-stamps-default fonts-noto-color-emoji unicode-data libcairo2
+        slurmctld slurmd slurm-client munge chromium"
+fi
 missing=""
 for pkg in $APT_PACKAGES; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
