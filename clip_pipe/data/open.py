@@ -333,17 +333,19 @@ class _Fetch:
         return self.num_chunks is not None and self.next_submit < self.num_chunks
 
 
+_DONE: Future = Future()  # the head of a planned shard that turned out to need no fetching
+
+
 class Fetcher:
     """A pool of `num_fetches` threads that fetch chunks of the open shards first, then those of the
     shards planned next; at most `num_fetches` heads and chunks are in flight or waiting to be taken."""
 
-    def __init__(self, num_fetches: int, chunk_bytes: int, retry: Retry, timeout_s: float):
-        self.num_fetches, self.chunk_bytes, self.retry, self.timeout_s = (
-            num_fetches,
-            chunk_bytes,
-            retry,
-            timeout_s,
-        )
+    def __init__(
+        self, num_fetches: int, chunk_bytes: int, retry: Retry, timeout_s: float, skip: Callable[[str], bool]
+    ):
+        self.num_fetches, self.chunk_bytes = num_fetches, chunk_bytes
+        self.retry, self.timeout_s = retry, timeout_s
+        self.skip = skip  # planned shards that need no fetching after all (cached since they were planned)
         self.pool = ThreadPoolExecutor(num_fetches, thread_name_prefix="clip-pipe-fetch")
         self.lock = threading.RLock()  # futures' callbacks may run at once, in the thread that adds them
         self.open: list[_Fetch] = []
@@ -384,7 +386,8 @@ class Fetcher:
                     self._drop(stale)
                 self.planned = self.planned[index + 1 :]
             self.open.append(fetch)
-            if fetch.head is None:
+            if fetch.head is None or fetch.head is _DONE:
+                fetch.head, fetch.num_chunks = None, None
                 self._submit_head(fetch)
             self._pump()
             head = fetch.head
@@ -394,6 +397,16 @@ class Fetcher:
             self.release(fetch)
             raise
         return fetch, size, ranged
+
+    def forget(self, url: str) -> None:
+        """`url` was read without fetching (from the cache): its planned fetch, and those before it, go."""
+        with self.lock:
+            index = next((i for i, f in enumerate(self.planned) if f.url == url), None)
+            if index is not None:
+                for fetch in self.planned[: index + 1]:
+                    self._drop(fetch)
+                self.planned = self.planned[index + 1 :]
+                self._pump()
 
     def take(self, fetch: _Fetch, index: int) -> bytes:
         """Chunk `index` of an open shard; raises `ShardUnavailable` if it cannot be had."""
@@ -447,7 +460,12 @@ class Fetcher:
         candidates = [f for f in self.open if f.wants_work()]
         if candidates:
             return min(candidates, key=lambda f: f.num_outstanding)
-        return next((f for f in self.planned if f.wants_work()), None)
+        for fetch in self.planned:
+            if fetch.head is None and self.skip(fetch.url):
+                fetch.head, fetch.num_chunks = _DONE, 0
+            if fetch.wants_work():
+                return fetch
+        return None
 
     def _submit_head(self, fetch: _Fetch) -> None:
         store = store_for(fetch.url, self.timeout_s)
@@ -603,7 +621,8 @@ class ShardReader:
     @property
     def fetcher(self) -> Fetcher:
         if self._fetcher is None or self._pid != os.getpid():  # threads do not survive fork
-            self._fetcher = Fetcher(self.num_fetches, self.chunk_bytes, self.retry, self.timeout_s)
+            skip = self.cache.has if self.cache else lambda url: False
+            self._fetcher = Fetcher(self.num_fetches, self.chunk_bytes, self.retry, self.timeout_s, skip)
             self._pid = os.getpid()
         return self._fetcher
 
@@ -631,6 +650,8 @@ class ShardReader:
     def _remote_samples(self, url: str) -> Iterator[dict]:
         cached = self.cache.get(url) if self.cache else None
         if cached is not None:
+            if self._fetcher is not None:
+                self._fetcher.forget(url)
             try:
                 yield from tar_samples(str(cached))
             except TarError:
