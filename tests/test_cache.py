@@ -25,7 +25,9 @@ def noise(index, rng):
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.frombytes("RGB", (24, 24), bytes(rng.randrange(256) for _ in range(24 * 24 * 3))).save(buffer, "JPEG")
+    Image.frombytes("RGB", (24, 24), bytes(rng.randrange(256) for _ in range(24 * 24 * 3))).save(
+        buffer, "JPEG"
+    )
     return "jpg", buffer.getvalue(), f"noise {index}"
 
 
@@ -108,10 +110,12 @@ def test_writes_are_atomic_and_damage_is_dropped(served, tmp_path):
 
 
 def test_a_dead_writers_part_file_is_reclaimed(served, tmp_path):
-    http, folder, shards = served
+    _, folder, shards = served
     size = (folder / "00000.tar").stat().st_size
     cache = ShardCache(tmp_path / "cache", int(1.5 * size), [s.url for s in shards])
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     host = os.uname().nodename
     stale = tmp_path / "cache" / "tmp" / f"{size}~{host}~{int(dead.stdout)}~0~{cache_key(shards[1].url)}.part"
     live = tmp_path / "cache" / "tmp" / f"{size}~{host}~{os.getpid()}~0~{cache_key(shards[2].url)}.part"
@@ -127,7 +131,7 @@ def test_a_dead_writers_part_file_is_reclaimed(served, tmp_path):
 
 
 def test_other_data_is_evicted_least_recently_used_first(served, tmp_path):
-    http, folder, shards = served
+    _, folder, shards = served
     size = max(p.stat().st_size for p in folder.glob("*.tar"))
     cache = ShardCache(tmp_path / "cache", 4 * size, [s.url for s in shards])
     old = []
@@ -153,7 +157,7 @@ def _read_through_cache(cache_dir: str, limit: int, urls: list[str], mine: list[
 def test_processes_share_one_cache_within_its_limit(served, tmp_path):
     """Ranks and loader workers of a node share the folder with no shared memory: what they admit
     together stays within the limit, and every copy is whole."""
-    http, folder, shards = served
+    _, folder, shards = served
     urls = [s.url for s in shards]
     limit = int(3.5 * max(p.stat().st_size for p in folder.glob("*.tar")))
     context = multiprocessing.get_context("spawn")

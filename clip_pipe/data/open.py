@@ -26,12 +26,14 @@ import functools
 import io
 import logging
 import os
+import queue
 import random
 import select
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
@@ -136,7 +138,8 @@ class Retry:
     def __init__(self, num_retries: int = 8, base_s: float = 0.5, max_s: float = 30.0):
         self.num_retries, self.base_s, self.max_s = num_retries, base_s, max_s
 
-    def __call__(self, fn: Callable[[], T], what: str) -> T:
+    def __call__(self, fn: Callable[[], T], what: str, stop: threading.Event | None = None) -> T:
+        """`fn()`, retried while it fails transiently; `stop` cuts the waits short (the reader closed)."""
         for attempt in range(self.num_retries + 1):
             try:
                 return fn()
@@ -149,7 +152,10 @@ class Retry:
                     ) from exn
                 delay = min(self.max_s, self.base_s * 2**attempt) * random.uniform(0.5, 1.0)
                 log.info("%s: %s; retrying in %.1f s", what, describe(exn), delay)
-                time.sleep(delay)
+                if stop is None:
+                    time.sleep(delay)
+                elif stop.wait(delay):
+                    raise ShardUnavailable(f"{what}: the reader was closed", transient=True) from exn
         raise AssertionError("unreachable")
 
 
@@ -333,6 +339,47 @@ class _Fetch:
         return self.num_chunks is not None and self.next_submit < self.num_chunks
 
 
+class _DaemonPool:
+    """A thread pool whose threads never hold up the process's exit. (ThreadPoolExecutor's are joined
+    at exit, and one waiting out retries against a dead server would keep a finished run alive.)"""
+
+    def __init__(self, num_threads: int):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.stopped, self.num_threads = threading.Event(), num_threads
+        for i in range(num_threads):
+            threading.Thread(target=self._work, name=f"clip-pipe-fetch-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self.queue.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while not self.stopped.is_set():
+            item = self.queue.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exn:
+                future.set_exception(exn)
+
+    def shutdown(self) -> None:
+        self.stopped.set()
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in range(self.num_threads):
+            self.queue.put(None)
+
+
 _DONE: Future = Future()  # the head of a planned shard that turned out to need no fetching
 
 
@@ -346,7 +393,7 @@ class Fetcher:
         self.num_fetches, self.chunk_bytes = num_fetches, chunk_bytes
         self.retry, self.timeout_s = retry, timeout_s
         self.skip = skip  # planned shards that need no fetching after all (cached since they were planned)
-        self.pool = ThreadPoolExecutor(num_fetches, thread_name_prefix="clip-pipe-fetch")
+        self.pool = _DaemonPool(num_fetches)
         self.lock = threading.RLock()  # futures' callbacks may run at once, in the thread that adds them
         self.open: list[_Fetch] = []
         self.planned: list[_Fetch] = []
@@ -357,7 +404,7 @@ class Fetcher:
             for fetch in self.open + self.planned:
                 self._drop(fetch)
             self.open, self.planned = [], []
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown()
 
     # --- the consumer's side
 
@@ -469,7 +516,8 @@ class Fetcher:
 
     def _submit_head(self, fetch: _Fetch) -> None:
         store = store_for(fetch.url, self.timeout_s)
-        fetch.head = self.pool.submit(self.retry, functools.partial(store.size, fetch.url), fetch.url)
+        size = functools.partial(store.size, fetch.url)
+        fetch.head = self.pool.submit(self.retry, size, fetch.url, self.pool.stopped)
         fetch.num_outstanding += 1
         self.num_outstanding += 1
         fetch.head.add_done_callback(functools.partial(self._head_done, fetch))
@@ -494,7 +542,9 @@ class Fetcher:
         end = min(size, start + self.chunk_bytes) if ranged else size
         store = store_for(fetch.url, self.timeout_s)
         read = functools.partial(store.read, fetch.url, start, end)
-        fetch.chunks[index] = self.pool.submit(self.retry, read, f"{fetch.url} [{start}, {end})")
+        fetch.chunks[index] = self.pool.submit(
+            self.retry, read, f"{fetch.url} [{start}, {end})", self.pool.stopped
+        )
         fetch.next_submit += 1
         fetch.num_outstanding += 1
         self.num_outstanding += 1
@@ -623,6 +673,7 @@ class ShardReader:
         if self._fetcher is None or self._pid != os.getpid():  # threads do not survive fork
             skip = self.cache.has if self.cache else lambda url: False
             self._fetcher = Fetcher(self.num_fetches, self.chunk_bytes, self.retry, self.timeout_s, skip)
+            weakref.finalize(self, self._fetcher.close)  # an abandoned reader's threads end too
             self._pid = os.getpid()
         return self._fetcher
 
