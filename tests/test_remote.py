@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from clip_pipe.data import Retry, SampleErrors, ShardReader, TarError, epoch_samples, list_shards
-from clip_pipe.data.open import FsspecStore, HttpStore
+from clip_pipe.data.open import FsspecStore, HttpStore, StoreUnreachable
 from clip_pipe.data.tar import read_tar
 from tests.remote_helpers import write_img2dataset_shards
 
@@ -222,3 +222,13 @@ def test_a_reader_in_a_loader_worker_process(remote):
     assert clone._fetcher is None
     keys, errors = read_epoch(remote, clone)
     assert keys == all_keys() and errors.num_skipped == 0
+
+
+def test_a_store_that_stays_down_stops_the_loader(remote):
+    """Each shard's retries run out, one after another: after three in a row the loader stops the run
+    (resumable) rather than losing every shard of the epoch, a retry schedule each."""
+    remote.server.stop()
+    start = time.monotonic()
+    with pytest.raises(StoreUnreachable, match="3 shards in a row could not be fetched"):
+        read_epoch(remote, reader(retry=Retry(2, base_s=0.05)))
+    assert time.monotonic() - start < 30

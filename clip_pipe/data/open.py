@@ -61,6 +61,15 @@ class ShardUnavailable(OSError):
         self.transient = transient
 
 
+MAX_SHARDS_UNREACHABLE = 3
+
+
+class StoreUnreachable(RuntimeError):
+    """Several shards in a row could not be fetched, each after all its retries. The store is down, and
+    the loader stops the run (resumable with `--resume latest`) rather than spend hours losing every
+    shard, one retry schedule at a time. Not an `OSError`: the stream must not count it as a lost shard."""
+
+
 # ----------------------------------------------------------------------------------------------- URLs
 
 
@@ -664,6 +673,7 @@ class ShardReader:
         self.timeout_s, self.retry = timeout_s, retry or Retry()
         self._fetcher: Fetcher | None = None
         self._pid = os.getpid()
+        self._num_unreachable = 0  # shards in a row lost to transient failures
 
     def __getstate__(self) -> dict:  # a DataLoader worker gets its own, without threads
         return {**self.__dict__, "_fetcher": None}
@@ -709,6 +719,19 @@ class ShardReader:
                 self.cache.remove(url)  # a damaged copy: the next epoch fetches the shard again
                 raise
             return
+        try:
+            yield from self._fetched_samples(url)
+        except ShardUnavailable as exn:
+            self._num_unreachable = self._num_unreachable + 1 if exn.transient else 0
+            if self._num_unreachable >= MAX_SHARDS_UNREACHABLE:
+                raise StoreUnreachable(
+                    f"{self._num_unreachable} shards in a row could not be fetched, each after "
+                    f"{self.retry.num_retries} retries; the last: {exn}"
+                ) from exn
+            raise
+        self._num_unreachable = 0
+
+    def _fetched_samples(self, url: str) -> Iterator[dict]:
         fetch, size, ranged = self.fetcher.open_shard(url)
         writer = self.cache.writer(url, size) if self.cache else None
         try:
