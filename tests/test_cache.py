@@ -171,3 +171,21 @@ def test_processes_share_one_cache_within_its_limit(served, tmp_path):
         assert entry.read_bytes() == (folder / name).read_bytes()
     assert not list((tmp_path / "cache" / "tmp").iterdir())
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_cache_options_are_checked_in_the_config(tmp_path):
+    from clip_pipe.config import DataConfig
+    from clip_pipe.data import shard_reader
+
+    assert DataConfig(cache_dir="c", cache_limit="1.5GiB").cache_limit_bytes == int(1.5 * 2**30)
+    assert DataConfig(cache_dir="c", cache_limit="500GB").cache_limit_bytes == 500 * 10**9
+    assert DataConfig(cache_dir="c", cache_limit="123456").cache_limit_bytes == 123456
+    with pytest.raises(ValueError, match="not a size"):
+        DataConfig(cache_dir="c", cache_limit="lots")
+    with pytest.raises(ValueError, match="data.cache_limit needs data.cache_dir"):
+        DataConfig(cache_limit="1GB")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="cannot create it"):
+        shard_reader(DataConfig(cache_dir=str(tmp_path / "file" / "cache")), [])
+    reader = shard_reader(DataConfig(cache_dir=str(tmp_path / "c"), cache_limit="2MB", num_fetches=3), [])
+    assert reader.cache.limit_bytes == 2 * 10**6 and reader.num_fetches == 3

@@ -270,8 +270,10 @@ def startup_error(url: str, exn: ShardUnavailable) -> ValueError:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         where = f" at {endpoint} (AWS_ENDPOINT_URL)" if endpoint else ""
         credentials = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials"
-        if isinstance(cause, PermissionError) or "credentials" in message.lower():
+        if isinstance(cause, PermissionError):
             return ValueError(f"{message}: access denied{where}; check the credentials ({credentials})")
+        if "credentials" in message.lower():
+            return ValueError(f"{message}: no credentials found; set them ({credentials})")
         if exn.transient:
             return ValueError(f"{message}: cannot reach the S3 endpoint{where}; check AWS_ENDPOINT_URL")
     if isinstance(cause, PermissionError):
