@@ -182,7 +182,7 @@ def test_cache_options_are_checked_in_the_config(tmp_path):
     assert DataConfig(cache_dir="c", cache_limit="123456").cache_limit_bytes == 123456
     with pytest.raises(ValueError, match="not a size"):
         DataConfig(cache_dir="c", cache_limit="lots")
-    with pytest.raises(ValueError, match="data.cache_limit needs data.cache_dir"):
+    with pytest.raises(ValueError, match=r"data\.cache_limit needs data\.cache_dir"):
         DataConfig(cache_limit="1GB")
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="cannot create it"):
