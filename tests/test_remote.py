@@ -232,3 +232,29 @@ def test_a_store_that_stays_down_stops_the_loader(remote):
     with pytest.raises(StoreUnreachable, match="3 shards in a row could not be fetched"):
         read_epoch(remote, reader(retry=Retry(2, base_s=0.05)))
     assert time.monotonic() - start < 30
+
+
+def test_what_failed_while_fetched_ahead_is_fetched_again_when_read(remote):
+    """Heads and chunks fetched ahead during an outage (here, short retries) that is over by the time
+    their shard is read are fetched again, not lost."""
+    shard_reader = reader(retry=Retry(1, base_s=0.01))
+    urls = [s.url for s in remote.shards]
+    remote.server.stop()
+    shard_reader.prefetch(urls)  # every head fails
+    time.sleep(1.0)
+    remote.server.start()
+    first = sorted(s["__key__"] for s in shard_reader.samples(urls[0]))
+    assert first == [k for k in all_keys() if k.startswith("00000")]
+
+    remote.faults.reset()
+    remote.faults.set(".tar", status=503)  # GETs fail, HEADs pass: the chunks fetched ahead fail
+    shard_reader = reader(retry=Retry(1, base_s=0.01))
+    shard_reader.prefetch(urls)
+    deadline = time.monotonic() + 10
+    while len(remote.faults.gets(".tar")) < 2 * 4 and time.monotonic() < deadline:  # 4 chunks, 2 tries each
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert {r.status for r in remote.faults.gets(".tar")} == {503}
+    remote.faults.rules.clear()
+    keys = sorted(s["__key__"] for url in urls for s in shard_reader.samples(url))
+    assert keys == all_keys()

@@ -338,6 +338,8 @@ class _Fetch:
         self.head: Future | None = None  # -> (size, ranged)
         self.num_chunks: int | None = None  # known once the head is back
         self.chunks: dict[int, Future] = {}  # submitted and not yet taken
+        self.calls: dict[int, tuple[Callable, str]] = {}  # how to fetch each of them again
+        self.num_fetched_ahead = 0  # chunks submitted before the shard was opened
         self.next_submit = 0
         self.num_outstanding = 0  # head or chunks submitted and not yet taken
         self.dropped = False
@@ -387,6 +389,13 @@ class _DaemonPool:
                 item[0].cancel()
         for _ in range(self.num_threads):
             self.queue.put(None)
+
+
+def _failed_transiently(future: Future) -> bool:
+    if not future.done() or future.cancelled():
+        return False
+    exn = future.exception()
+    return isinstance(exn, ShardUnavailable) and exn.transient
 
 
 _DONE: Future = Future()  # the head of a planned shard that turned out to need no fetching
@@ -442,9 +451,12 @@ class Fetcher:
                     self._drop(stale)
                 self.planned = self.planned[index + 1 :]
             self.open.append(fetch)
+            if fetch.head is not None and fetch.head is not _DONE and _failed_transiently(fetch.head):
+                fetch.head = None  # it failed while fetched ahead, in an outage that may be over: again
             if fetch.head is None or fetch.head is _DONE:
                 fetch.head, fetch.num_chunks = None, None
                 self._submit_head(fetch)
+            fetch.num_fetched_ahead = fetch.next_submit
             self._pump()
             head = fetch.head
         try:
@@ -471,7 +483,11 @@ class Fetcher:
                 assert index == fetch.next_submit, (index, fetch.next_submit)
                 self._submit_chunk(fetch)
             future = fetch.chunks.pop(index)
+            again = fetch.calls.pop(index)
         try:
+            if index < fetch.num_fetched_ahead and _failed_transiently(future):
+                # It failed while fetched ahead, in an outage that may be over: one more schedule.
+                return self.retry(*again, self.pool.stopped)
             return future.result()
         finally:
             with self.lock:
@@ -497,6 +513,7 @@ class Fetcher:
         for future in fetch.chunks.values():
             future.cancel()
         fetch.chunks.clear()
+        fetch.calls.clear()
         self.num_outstanding -= fetch.num_outstanding
         fetch.num_outstanding = 0
 
@@ -550,10 +567,11 @@ class Fetcher:
         start = index * self.chunk_bytes if ranged else 0
         end = min(size, start + self.chunk_bytes) if ranged else size
         store = store_for(fetch.url, self.timeout_s)
-        read = functools.partial(store.read, fetch.url, start, end)
-        fetch.chunks[index] = self.pool.submit(
-            self.retry, read, f"{fetch.url} [{start}, {end})", self.pool.stopped
+        fetch.calls[index] = (
+            functools.partial(store.read, fetch.url, start, end),
+            f"{fetch.url} [{start}, {end})",
         )
+        fetch.chunks[index] = self.pool.submit(self.retry, *fetch.calls[index], self.pool.stopped)
         fetch.next_submit += 1
         fetch.num_outstanding += 1
         self.num_outstanding += 1
