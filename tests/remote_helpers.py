@@ -55,6 +55,9 @@ class Faults:
 
     rules: dict[str, Rule] = field(default_factory=dict)
     latency_s: float = 0.0
+    """Added before every answer, as a cloud store's time to first byte."""
+    bytes_per_s: float = 0.0
+    """Caps each response's body (0: no cap), as an object store caps one connection."""
     log: list[Logged] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -118,9 +121,21 @@ class FaultMiddleware:
             done()
             return Response(f"injected {rule.status}\n", status=rule.status)(environ, start)
         body = self.app(environ, start)
+        if faults.bytes_per_s:
+            body = self._throttled(body, faults.bytes_per_s)
         if rule is None or (rule.cut_after is None and rule.stall_after is None):
             return _Closing(body, done)
         return _Closing(self._faulty(body, rule), done)
+
+    @staticmethod
+    def _throttled(body: Iterable[bytes], bytes_per_s: float):
+        start, sent = time.monotonic(), 0
+        for data in body:
+            for i in range(0, len(data), 65536):
+                piece = data[i : i + 65536]
+                yield piece
+                sent += len(piece)
+                time.sleep(max(0.0, start + sent / bytes_per_s - time.monotonic()))
 
     def _faulty(self, body: Iterable[bytes], rule: Rule):
         limit = rule.cut_after if rule.cut_after is not None else rule.stall_after
