@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +23,23 @@ import yaml
 @dataclass
 class DataConfig:
     train: list[str] = field(default_factory=list)
-    """Training shard sets: folders written by `data_prep/` (each holds `sizes.json`)."""
+    """Training shards: folders (`sizes.json` names their shards, else every *.tar), shard URLs with brace
+    patterns (`/data/laion/{00000..00041}.tar`), `s3://`, `gs://`, `http(s)://`, `file://` or `pipe:COMMAND`,
+    several joined with `::` or given as a list (open_clip's `--train-data`). Sample counts come from
+    `sizes.json`, else img2dataset's `<shard>_stats.json`, else `num_samples`."""
+    num_samples: int | None = None
+    """The number of training samples, for shards with neither a `sizes.json` nor `*_stats.json` beside
+    them (open_clip's `--train-num-samples`); spread evenly over them."""
+    cache_dir: str | None = None
+    """Keep copies of remote shards here (local disk; shared by the ranks and workers of a node)."""
+    cache_limit: str | None = None
+    """The cache's size limit, such as `500GB` or `1.5TiB` (none: up to 95% of the disk). When the data
+    are larger, the first shards to arrive stay cached and the rest stream past: no thrashing."""
+    num_fetches: int = 8
+    """Byte-range requests in flight per loader worker for remote shards (8 MiB each): the shard being
+    read and the next ones, so that latency and per-connection bandwidth do not stall the loader."""
+    timeout_s: float = 30.0
+    """A remote request fails (and is retried, with backoff) when its connection is silent this long."""
     batch_size: int = 64
     """Samples per rank per optimizer step. The global batch (and the loss's negatives) is this × world
     size, however many micro-batches `optim.accum_steps` splits it into."""
@@ -39,6 +56,23 @@ class DataConfig:
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+        _check(self.num_samples is None or self.num_samples >= 1, "data.num_samples must be >= 1")
+        _check(self.num_fetches >= 1, "data.num_fetches must be >= 1")
+        _check(self.timeout_s > 0, "data.timeout_s must be > 0")
+        if self.cache_limit is not None:
+            _check(self.cache_dir is not None, "data.cache_limit needs data.cache_dir")
+            self.cache_limit_bytes  # noqa: B018 (a ValueError naming the key)
+
+    @property
+    def cache_limit_bytes(self) -> int | None:
+        """`cache_limit` in bytes: '500GB', '1.5TiB', '200 MB', '123456'."""
+        if self.cache_limit is None:
+            return None
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?)b?\s*", str(self.cache_limit).lower())
+        if match is None:
+            raise ValueError(f"data.cache_limit: {self.cache_limit!r} is not a size such as 500GB or 1.5TiB")
+        number, prefix, binary = match.groups()
+        return int(float(number) * (1024 if binary else 1000) ** "_kmgtp".index(prefix or "_"))
 
 
 @dataclass

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from clip_pipe.checkpoints import set_latest
 from clip_pipe.config import OptimConfig, TrainConfig, save_config
-from clip_pipe.data import ImageTextStream, LoaderPosition, batch_loader, list_shards
+from clip_pipe.data import ImageTextStream, LoaderPosition, batch_loader, list_shards, shard_reader
 from clip_pipe.data.views import TwoViews
 from clip_pipe.distributed import env_from_os, threads_per_rank
 from clip_pipe.engine import Engine, init_process_group
@@ -111,8 +111,10 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, env.is_main)
-    # Fail on a bad path now, not after the process group and model are up.
-    shards = list_shards(cfg.data.train)
+    # Fail on a bad path, an unreachable store or bad credentials now, not after the process group
+    # and model are up.
+    shards = list_shards(cfg.data.train, cfg.data.num_samples, cfg.data.timeout_s)
+    reader = shard_reader(cfg.data, shards)
     eval_sets, probe_set = configured_sets(cfg.eval)
 
     init_process_group(env, cfg.run.collective_timeout_s)
@@ -156,7 +158,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
 
     stream = ImageTextStream(
         shards, cfg.data.batch_size, encoder.preprocess_train, encoder.tokenizer, env.rank, env.world_size,
-        seed=data_seed, shuffle_buffer=cfg.data.shuffle_buffer, start=data_start, views=views,
+        seed=data_seed, shuffle_buffer=cfg.data.shuffle_buffer, start=data_start, views=views, reader=reader,
     )  # fmt: skip
     data_position = data_start or LoaderPosition.start(cfg.data.num_workers)
     batches = iter(batch_loader(stream, cfg.data.num_workers))

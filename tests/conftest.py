@@ -255,3 +255,25 @@ def slurm_cluster():
     from tests.slurm_cluster import cluster_for_tests
 
     yield from cluster_for_tests()
+
+
+# Real S3 (moto) and HTTP servers on loopback, with faults on demand: tests/remote_helpers.py.
+@pytest.fixture(scope="session")
+def s3_server():
+    from tests.remote_helpers import s3_session_server
+
+    yield from s3_session_server()
+
+
+@pytest.fixture
+def s3(s3_server):
+    from tests.remote_helpers import s3_for_test
+
+    yield from s3_for_test(s3_server)
+
+
+@pytest.fixture
+def http(tmp_path):
+    from tests.remote_helpers import http_for_test
+
+    yield from http_for_test(tmp_path / "www")

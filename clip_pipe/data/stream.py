@@ -15,6 +15,7 @@ position and a resumed run can carry on at the very next sample (`LoaderPosition
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import queue
@@ -62,17 +63,30 @@ class SampleErrors:
     def missing(self, url: str, num_missing: int) -> None:
         if num_missing > 0:
             self.num_skipped += num_missing
-            log.warning("%s: %d samples unreadable (truncated or corrupt tar)", url, num_missing)
+            log.warning(
+                "%s: %d samples unreadable (a truncated or corrupt tar, or a failed fetch)", url, num_missing
+            )
 
 
 def epoch_samples(
-    shards: list[Shard], slot: int, num_slots: int, seed: int, epoch: int, errors: SampleErrors
+    shards: list[Shard],
+    slot: int,
+    num_slots: int,
+    seed: int,
+    epoch: int,
+    errors: SampleErrors,
+    reader: ShardReader | None = None,
 ) -> Iterator[dict]:
     """One epoch of raw samples (dicts of bytes) for one loader slot, in shard order, unshuffled."""
-    for shard_index, part, num_parts in assign_shards(len(shards), slot, num_slots, seed, epoch):
+    reader = reader or ShardReader()
+    pieces = assign_shards(len(shards), slot, num_slots, seed, epoch)
+    # This epoch's shards, then the next epoch's first: remote ones arrive while the ones before are read.
+    following = assign_shards(len(shards), slot, num_slots, seed, epoch + 1)[:2]
+    reader.prefetch([shards[i].url for i, _, _ in pieces + following])
+    for shard_index, part, num_parts in pieces:
         shard, num_read = shards[shard_index], 0
         try:
-            for i, sample in enumerate(ShardReader().samples(shard.url)):
+            for i, sample in enumerate(reader.samples(shard.url)):
                 if i % num_parts == part:
                     num_read += 1
                     yield sample
@@ -89,6 +103,7 @@ def slot_samples(
     errors: SampleErrors,
     shuffle_buffer: int = 0,
     start: SlotPosition | None = None,
+    reader: ShardReader | None = None,
 ) -> Iterator[tuple[SlotPosition, dict]]:
     """An endless stream of (position after this sample, raw sample) for one loader slot.
 
@@ -101,9 +116,10 @@ def slot_samples(
     further back than the start of the current epoch.
     """
     start = start or SlotPosition()
+    reader = reader or ShardReader()  # one per slot: its fetches run ahead across shards and epochs
     num_empty_epochs, num_skipped_before = 0, errors.num_skipped
     for epoch in itertools.count(start.epoch):
-        samples = epoch_samples(shards, slot, num_slots, seed, epoch, errors)
+        samples = epoch_samples(shards, slot, num_slots, seed, epoch, errors, reader)
         if shuffle_buffer > 1:
             rng = random.Random(seed_of(seed, slot, epoch))
             samples = wds.shuffle(shuffle_buffer, shuffle_buffer // 4, rng=rng)(samples)
@@ -143,8 +159,10 @@ class ImageTextStream(IterableDataset):
         shuffle_buffer: int,
         start: LoaderPosition | None = None,
         views: Callable | None = None,
+        reader: ShardReader | None = None,
     ):
         super().__init__()
+        self.reader = reader  # each loader worker gets its own copy (pickled), its threads start there
         self.shards, self.batch_size = shards, batch_size
         self.augment, self.tokenizer = augment, CachedTokenizer(tokenizer)
         self.rank, self.world_size = rank, world_size
@@ -163,8 +181,9 @@ class ImageTextStream(IterableDataset):
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         errors = SampleErrors()
         samples = slot_samples(
-            self.shards, slot, num_slots, self.seed, errors, self.shuffle_buffer, start.workers[worker]
-        )
+            self.shards, slot, num_slots, self.seed, errors, self.shuffle_buffer, start.workers[worker],
+            copy.copy(self.reader) if self.reader else None,
+        )  # fmt: skip
 
         images, image_views, captions, keys, num_reported = [], [], [], [], 0
         for position, sample in samples:
