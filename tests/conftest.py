@@ -37,6 +37,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if item.module.__name__.rpartition(".")[2] in NUMERICS_MODULES:
             item.add_marker(pytest.mark.numerics)
+
+
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 
