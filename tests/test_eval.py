@@ -36,6 +36,13 @@ def sets(tmp_path) -> dict[str, Path]:
     }
 
 
+@pytest.fixture
+def probe_train(tmp_path) -> Path:
+    """The linear probe's training set: red, green and blue only, so a probe fitted on it cannot name the
+    test sets' yellow squares, and its test score is not its training score (1.0)."""
+    return write_pairs_set(tmp_path / "probe_train", num_images=9, seed=7, num_shards=1, num_colors=3)
+
+
 def test_read_eval_set_detects_each_kind(tmp_path, sets):
     assert read_eval_set(sets["pairs"]).kind == "retrieval"
     assert len(read_eval_set(sets["pairs"]).shard_urls) == 2
@@ -69,7 +76,7 @@ def reference_recall(emb, k: int) -> tuple[float, float]:
     return recall(scores, positive), recall(scores.T, positive.T)
 
 
-def test_each_kind_scored_with_a_real_model(color_model, sets):
+def test_each_kind_scored_with_a_real_model(color_model, sets, probe_train):
     encoder = load_export(color_model)
 
     def embed_set(path):
@@ -84,13 +91,17 @@ def test_each_kind_scored_with_a_real_model(color_model, sets):
         23,
     )
     assert pairs.labels is not None and pairs.class_texts is None
-    r = score(pairs, probe_train=pairs)
+    r = score(pairs, probe_train=embed_set(probe_train))
     assert (r["num_images"], r["num_texts"], r["num_skipped"]) == (12, 23, 1)
     for k in (1, 5, 10):
         t2i, i2t = reference_recall(pairs, k)
         assert r[f"image_retrieval_recall@{k}"] == pytest.approx(t2i)
         assert r[f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
-    assert r["linear_probe_top1"] == 1.0  # colours are linearly separable
+    # Colours are linearly separable: the probe names every red, green and blue square, and none of the
+    # 6 yellow ones (images 3, 7 and 11, two captions each), a class it never saw.
+    assert r["linear_probe_train_samples"] == 18
+    assert r["linear_probe_top1"] == r["linear_probe_top5"] == pytest.approx(17 / 23)
+    assert r["linear_probe_mean_per_class_recall"] == pytest.approx(3 / 4)
     assert r["kmeans_nmi"] > 0.9  # and cluster by colour
 
     cb = embed_set(sets["cb_retrieval"])
@@ -102,19 +113,22 @@ def test_each_kind_scored_with_a_real_model(color_model, sets):
     assert classes["top1"] == 1.0 and classes["kmeans_ari"] > 0.9
 
 
-def test_cli_eval_reads_clip_benchmark_sets_and_writes_its_results(color_model, sets, tmp_path, capsys):
+def test_cli_eval_reads_clip_benchmark_sets_and_writes_its_results(
+    color_model, sets, probe_train, tmp_path, capsys
+):
     out = tmp_path / "cb_{dataset}_{task}.json"
     argv = ["eval", "--checkpoint", str(color_model), "--format", "clip_benchmark", "--out", str(out),
-            "--linear-probe-train", str(sets["pairs"]), "--model-name", "clip-pipe-test"]  # fmt: skip
-    for path in sets.values():
+            "--linear-probe-train", str(probe_train), "--model-name", "clip-pipe-test"]  # fmt: skip
+    for path in [*sets.values(), probe_train]:
         argv += ["--eval-set", str(path)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "cb_classes: top-1 100.00%" in printed and "text->image R@1" in printed
     written = sorted(p.name for p in tmp_path.glob("cb_*.json"))
-    assert written == [  # no linear probe on `pairs`: it is the probe's own training set
+    assert written == [  # no linear probe on `probe_train`: it is the probe's own training set
         "cb_cb_classes_linear_probe.json", "cb_cb_classes_zeroshot_classification.json",
-        "cb_cb_retrieval_zeroshot_retrieval.json", "cb_pairs_zeroshot_retrieval.json",
+        "cb_cb_retrieval_zeroshot_retrieval.json", "cb_pairs_linear_probe.json",
+        "cb_pairs_zeroshot_retrieval.json", "cb_probe_train_zeroshot_retrieval.json",
     ]  # fmt: skip
     # CLIP_benchmark's result file: these keys, as its `clip_benchmark eval` dumps them.
     record = json.loads((tmp_path / "cb_cb_classes_zeroshot_classification.json").read_text())
@@ -127,8 +141,13 @@ def test_cli_eval_reads_clip_benchmark_sets_and_writes_its_results(color_model, 
     assert record["metrics"] == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
     retrieval = json.loads((tmp_path / "cb_pairs_zeroshot_retrieval.json").read_text())["metrics"]
     assert set(retrieval) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    # The probe knows red, green and blue, not yellow: cb_classes has 4 yellow squares of 16, pairs 6 of
+    # 23 samples (one unreadable), and a yellow square is among none of its (3) guesses.
     probe = json.loads((tmp_path / "cb_cb_classes_linear_probe.json").read_text())["metrics"]
-    assert set(probe) == {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall"}
+    assert probe == {"lp_acc1": 0.75, "lp_acc5": 0.75, "lp_mean_per_class_recall": 0.75}
+    probe = json.loads((tmp_path / "cb_pairs_linear_probe.json").read_text())["metrics"]
+    assert probe == {"lp_acc1": pytest.approx(17 / 23), "lp_acc5": pytest.approx(17 / 23),
+                     "lp_mean_per_class_recall": 0.75}  # fmt: skip
 
     # One file for several results is refused before any work, in one line.
     argv[argv.index(str(out))] = str(tmp_path / "one.json")
