@@ -135,6 +135,8 @@ def test_malformed_embeddings_requests_are_4xx_json(http):
     cases = [
         ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 422, "bad_json"),
         ({"content": b"\xff\xfe", "headers": {"Content-Type": "application/json"}}, 422, "bad_json"),
+        ({"content": b"[" * 50_000, "headers": {"Content-Type": "application/json"}}, 422, "bad_json"),  # too deep
+        ({"content": b'{"model": "x", "dimensions": 1%s}' % (b"0" * 5000), "headers": {"Content-Type": "application/json"}}, 422, "bad_json"),  # over Python's 4,300 digits
         ({"content": b"input=x", "headers": {"Content-Type": "text/plain"}}, 415, "not_json"),
         ({"json": ["a", "b"]}, 422, "bad_request"),
         ({"content": b"null", "headers": {"Content-Type": "application/json"}}, 422, "bad_request"),
@@ -165,6 +167,10 @@ def test_malformed_embeddings_requests_are_4xx_json(http):
         response = http.post("/v1/embeddings", **kwargs)
         assert response.status_code == status, (kwargs, response.text)
         assert openai_error(response) == code, (kwargs, response.text)
+    # A method the route does not take: OpenAI's shape too, and the methods it does take.
+    wrong = http.get("/v1/embeddings")
+    assert wrong.status_code == 405 and openai_error(wrong) == "method_not_allowed"
+    assert wrong.headers["allow"] == "POST"
     # The body limit is per route: JSON with 4 images of 50 kB fits, 5 MB does not.
     ok = http.post("/v1/embeddings", json={"model": MODEL, "input": [image] * 4})
     assert ok.status_code == 200, ok.text
