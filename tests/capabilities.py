@@ -3,6 +3,13 @@
 CI installs every one of them (scripts/setup.sh, .ci/run), so under `CI=true` a missing one means a
 broken set-up, and the tests that need it must fail rather than pass quietly as skips. Locally a
 missing capability is a skip with its reason, which `pytest -ra` prints in the summary.
+
+Under `CI=true` Hypothesis is derandomized too: every run draws the same examples, so a red CI run
+fails again wherever it is repeated, and a failure prints the `@reproduce_failure` blob that replays
+it. Locally Hypothesis keeps exploring new examples. (Hypothesis 6.131 and later load a built-in
+profile like this one wherever `CI` is set; this one holds for every version we allow, and is ours to
+read.) conftest.py imports this module before any test module, so the `@settings(...)` of each test
+inherit the profile.
 """
 
 from __future__ import annotations
@@ -11,10 +18,23 @@ import os
 from typing import NoReturn
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    print_blob=True,
+    database=None,
+    deadline=None,  # a shared CI machine's pauses are not the code's
+    suppress_health_check=[HealthCheck.too_slow],
+)
+if in_ci():
+    settings.load_profile("ci")
 
 
 def missing(what: str, hint: str) -> NoReturn:

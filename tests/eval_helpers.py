@@ -26,9 +26,10 @@ WORDS = ["cat", "dog", "car", "tree", "sky", "boat", "house", "bird", "fish", "l
 
 def write_pairs_set(folder: Path, num_images: int = 12, captions_per_image: int = 2, seed: int = 3,
                     labels: bool = True, num_shards: int = 2, bad_keys: tuple[int, ...] = (),
-                    noise: bool = False) -> Path:  # fmt: skip
+                    noise: bool = False, num_colors: int = len(NAMES)) -> Path:  # fmt: skip
     """Paired shards as data_prep/make_shards.py writes them (jpg, txt, json with sha256, cls), with
     `captions_per_image` samples per image: several captions for one image, grouped by its sha256.
+    Image i shows colour i % num_colors (the first `num_colors` of NAMES) and is labelled with it.
     Samples numbered in `bad_keys` get an undecodable image (counted as skipped, never fatal).
     `noise`: random-noise images and random captions, whose embeddings have no near-ties even under an
     untrained model (so rankings do not flip on rounding)."""
@@ -38,7 +39,7 @@ def write_pairs_set(folder: Path, num_images: int = 12, captions_per_image: int 
     rng = random.Random(seed)
     samples, index = [], 0
     for i in range(num_images):
-        label = i % len(NAMES)
+        label = i % num_colors
         jpeg = noise_jpeg(rng) if noise else color_jpeg(NAMES[label], rng, size=16 + i)
         for c in range(captions_per_image):
             caption = [f"a photo of a {NAMES[label]} square", f"a {NAMES[label]} thing, number {i}"][c % 2]

@@ -1,8 +1,13 @@
-"""Under CI=true a missing capability fails the tests that need it; locally they are skipped with a reason."""
+"""Under CI=true a missing capability fails the tests that need it; locally they are skipped with a reason.
+Under CI=true Hypothesis draws the same examples on every run, and a failure prints how to replay it."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+from tests.conftest import REPO
 
 pytest_plugins = ["pytester"]
 
@@ -56,3 +61,32 @@ def test_missing_capability_fails_in_ci_and_skips_locally(pytester, monkeypatch,
         result.stdout.fnmatch_lines(
             ["SKIPPED*Fashion-MNIST is not available: apt-get install*", "SKIPPED*SLURM is not available*"]
         )
+
+
+INNER_HYPOTHESIS = """
+from hypothesis import given, settings, strategies as st
+
+
+@settings(max_examples=200)
+@given(st.integers())
+def test_draws(x):
+    with open("drawn.txt", "a") as f:
+        f.write(f"{x}\\n")
+    assert x < 1000
+"""
+
+
+def test_hypothesis_is_derandomized_in_ci_and_prints_its_failure_blob(pytester, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    # A subprocess: the profile is loaded once per process, when conftest imports tests.capabilities.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    pytester.makeconftest(INNER_CONFTEST)
+    pytester.makepyfile(test_inner=INNER_HYPOTHESIS)
+    runs = []
+    for _ in range(2):
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+        result.assert_outcomes(failed=1)
+        result.stdout.fnmatch_lines(["*@reproduce_failure(*"])  # what replays the failure, printed
+        runs.append((pytester.path / "drawn.txt").read_text().split())
+        (pytester.path / "drawn.txt").unlink()
+    assert runs[0] == runs[1] and len(set(runs[0])) > 10  # the same examples, in the same order

@@ -19,6 +19,7 @@ from clip_pipe.eval import embed, read_eval_set, score
 from clip_pipe.eval.figures import figure_data
 from clip_pipe.eval.report import write_report
 from clip_pipe.model import load_export
+from tests.capabilities import missing
 from tests.conftest import write_eval_set
 from tests.eval_helpers import (
     write_clip_benchmark_classification,
@@ -34,6 +35,13 @@ def sets(tmp_path) -> dict[str, Path]:
         "cb_retrieval": write_clip_benchmark_retrieval(tmp_path / "cb_retrieval"),
         "cb_classes": write_clip_benchmark_classification(tmp_path / "cb_classes"),
     }
+
+
+@pytest.fixture
+def probe_train(tmp_path) -> Path:
+    """The linear probe's training set: red, green and blue only, so a probe fitted on it cannot name the
+    test sets' yellow squares, and its test score is not its training score (1.0)."""
+    return write_pairs_set(tmp_path / "probe_train", num_images=9, seed=7, num_shards=1, num_colors=3)
 
 
 def test_read_eval_set_detects_each_kind(tmp_path, sets):
@@ -81,7 +89,7 @@ def reference_recall(emb, k: int) -> tuple[float, float]:
     return recall(scores, positive), recall(transpose(scores), transpose(positive))
 
 
-def test_each_kind_scored_with_a_real_model(color_model, sets):
+def test_each_kind_scored_with_a_real_model(color_model, sets, probe_train):
     encoder = load_export(color_model)
 
     def embed_set(path):
@@ -96,13 +104,17 @@ def test_each_kind_scored_with_a_real_model(color_model, sets):
         23,
     )
     assert pairs.labels is not None and pairs.class_texts is None
-    r = score(pairs, probe_train=pairs)
+    r = score(pairs, probe_train=embed_set(probe_train))
     assert (r["num_images"], r["num_texts"], r["num_skipped"]) == (12, 23, 1)
     for k in (1, 5, 10):
         t2i, i2t = reference_recall(pairs, k)
         assert r[f"image_retrieval_recall@{k}"] == pytest.approx(t2i)
         assert r[f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
-    assert r["linear_probe_top1"] == 1.0  # colours are linearly separable
+    # Colours are linearly separable: the probe names every red, green and blue square, and none of the
+    # 6 yellow ones (images 3, 7 and 11, two captions each), a class it never saw.
+    assert r["linear_probe_train_samples"] == 18
+    assert r["linear_probe_top1"] == r["linear_probe_top5"] == pytest.approx(17 / 23)
+    assert r["linear_probe_mean_per_class_recall"] == pytest.approx(3 / 4)
     assert r["kmeans_nmi"] > 0.9  # and cluster by colour
 
     cb = embed_set(sets["cb_retrieval"])
@@ -114,19 +126,22 @@ def test_each_kind_scored_with_a_real_model(color_model, sets):
     assert classes["top1"] == 1.0 and classes["kmeans_ari"] > 0.9
 
 
-def test_cli_eval_reads_clip_benchmark_sets_and_writes_its_results(color_model, sets, tmp_path, capsys):
+def test_cli_eval_reads_clip_benchmark_sets_and_writes_its_results(
+    color_model, sets, probe_train, tmp_path, capsys
+):
     out = tmp_path / "cb_{dataset}_{task}.json"
     argv = ["eval", "--checkpoint", str(color_model), "--format", "clip_benchmark", "--out", str(out),
-            "--linear-probe-train", str(sets["pairs"]), "--model-name", "clip-pipe-test"]  # fmt: skip
-    for path in sets.values():
+            "--linear-probe-train", str(probe_train), "--model-name", "clip-pipe-test"]  # fmt: skip
+    for path in [*sets.values(), probe_train]:
         argv += ["--eval-set", str(path)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "cb_classes: top-1 100.00%" in printed and "text->image R@1" in printed
     written = sorted(p.name for p in tmp_path.glob("cb_*.json"))
-    assert written == [  # no linear probe on `pairs`: it is the probe's own training set
+    assert written == [  # no linear probe on `probe_train`: it is the probe's own training set
         "cb_cb_classes_linear_probe.json", "cb_cb_classes_zeroshot_classification.json",
-        "cb_cb_retrieval_zeroshot_retrieval.json", "cb_pairs_zeroshot_retrieval.json",
+        "cb_cb_retrieval_zeroshot_retrieval.json", "cb_pairs_linear_probe.json",
+        "cb_pairs_zeroshot_retrieval.json", "cb_probe_train_zeroshot_retrieval.json",
     ]  # fmt: skip
     # CLIP_benchmark's result file: these keys, as its `clip_benchmark eval` dumps them.
     record = json.loads((tmp_path / "cb_cb_classes_zeroshot_classification.json").read_text())
@@ -139,8 +154,13 @@ def test_cli_eval_reads_clip_benchmark_sets_and_writes_its_results(color_model, 
     assert record["metrics"] == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
     retrieval = json.loads((tmp_path / "cb_pairs_zeroshot_retrieval.json").read_text())["metrics"]
     assert set(retrieval) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    # The probe knows red, green and blue, not yellow: cb_classes has 4 yellow squares of 16, pairs 6 of
+    # 23 samples (one unreadable), and a yellow square is among none of its (3) guesses.
     probe = json.loads((tmp_path / "cb_cb_classes_linear_probe.json").read_text())["metrics"]
-    assert set(probe) == {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall"}
+    assert probe == {"lp_acc1": 0.75, "lp_acc5": 0.75, "lp_mean_per_class_recall": 0.75}
+    probe = json.loads((tmp_path / "cb_pairs_linear_probe.json").read_text())["metrics"]
+    assert probe == {"lp_acc1": pytest.approx(17 / 23), "lp_acc5": pytest.approx(17 / 23),
+                     "lp_mean_per_class_recall": 0.75}  # fmt: skip
 
     # One file for several results is refused before any work, in one line.
     argv[argv.index(str(out))] = str(tmp_path / "one.json")
@@ -179,8 +199,8 @@ def render(page: Path, out_dir: Path) -> dict:
     """Open `page` in headless Chromium: the numbers of images, broken images and empty tables, plus a
     screenshot. The checks run in a copy of the page, so the report itself carries no test script."""
     chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it)")
+    if chromium is None:  # a failure under CI=true, which installs it; a skip elsewhere
+        missing("Chromium", "apt-get install chromium (scripts/setup.sh installs it)")
     probe, screenshot = out_dir / "probe.html", out_dir / f"{page.stem}.png"
     probe.write_text(page.read_text().replace("</body>", CHECK_SCRIPT))
     with tempfile.TemporaryDirectory() as profile:

@@ -153,18 +153,26 @@ def test_kmeans_scores_by_hand():
 def test_linear_probe_separable_and_flipped():
     g = torch.Generator().manual_seed(0)
 
-    def blobs(n: int, flip: bool = False) -> Embeddings:
-        labels = torch.arange(n) % 3
-        x = 4 * E[labels, :3] + 0.3 * torch.randn(n, 3, generator=g)
-        return Embeddings("toy", x, [str(i) for i in range(n)], [str(i) for i in range(n)],
-                          labels=(2 - labels) if flip else labels)  # fmt: skip
+    def blobs(labels: torch.Tensor, flip: bool = False) -> Embeddings:
+        x = 4 * E[labels, :3] + 0.3 * torch.randn(len(labels), 3, generator=g)
+        keys = [str(i) for i in range(len(labels))]
+        return Embeddings("toy", x, keys, keys, labels=(2 - labels) if flip else labels)
 
-    train = blobs(60)
-    r = linear_probe(train, blobs(30))
+    train = blobs(torch.arange(60) % 3)  # classes interleaved: 0, 1, 2, 0, 1, 2, ...
+    # The test set in another order and other proportions (12, 9, 9 in runs), so that any row-for-row
+    # slip between the two sets (scoring the training features against the test labels, or the reverse)
+    # gives other numbers than the right ones.
+    test_labels = torch.tensor([0] * 12 + [1] * 9 + [2] * 9)
+    r = linear_probe(train, blobs(test_labels))
     assert r["linear_probe_top1"] == 1.0 and r["linear_probe_mean_per_class_recall"] == 1.0
     assert r["linear_probe_top5"] == 1.0 and r["linear_probe_train_samples"] == 60
-    # Test labels that contradict the features (classes 0 and 2 swapped): only class 1 is right.
-    assert linear_probe(train, blobs(30, flip=True))["linear_probe_top1"] == pytest.approx(1 / 3)
+    # Test labels that contradict the features (classes 0 and 2 swapped): only class 1's 9 of 30 are
+    # right, and the recall per class is (0 + 1 + 0) / 3. Scored on its training features instead, the
+    # probe would be right everywhere (1.0).
+    flipped = linear_probe(train, blobs(test_labels, flip=True))
+    assert flipped["linear_probe_top1"] == pytest.approx(9 / 30)
+    assert flipped["linear_probe_mean_per_class_recall"] == pytest.approx(1 / 3)
+    assert flipped["linear_probe_top5"] == 1.0  # 3 classes: always among the top 5
     with pytest.raises(ValueError, match="training labels reach 2"):
         linear_probe(train, Embeddings("two", train.images, train.keys, train.groups, labels=train.labels,
                                        classnames=["a", "b"]))  # fmt: skip

@@ -26,6 +26,40 @@ def global_batch(world_size: int, seed: int = 0, dtype=torch.float64):
     return image.to(dtype), text.to(dtype), torch.tensor([12.5], dtype=torch.float64)
 
 
+def aligned_batch(world_size: int, spread: float, dtype=torch.float64, seed: int = 0):
+    """Features at CLIP's operating point, as a trained model gives them: each caption within a cosine of
+    about 0.995 of its image. `spread` sets how alike the images are: at 0 they are random (cosines
+    within about ±0.6 in 16 dimensions), at 10 they all lie near one direction (cosines above 0.97: hard
+    negatives, and a loss of about 2). At the logit scale's ceiling of 100 the logits then reach 99,
+    and exp(99) overflows fp32, whose largest number is about e^88.7: every log-sum-exp must subtract its
+    maximum before it exponentiates."""
+    g = torch.Generator().manual_seed(seed)
+    num = world_size * NUM_LOCAL
+    direction = torch.randn(DIM, generator=g, dtype=torch.float64)
+    image = F.normalize(spread * direction + torch.randn(num, DIM, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(image + 0.02 * torch.randn(num, DIM, generator=g, dtype=torch.float64), dim=-1)
+    return image.to(dtype), text.to(dtype)
+
+
+AT_100 = torch.tensor([MAX_LOGIT_SCALE], dtype=torch.float64)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def assert_matches_float64(got: dict, reference: dict, dtype, rows=slice(None), world_size: int = 1) -> None:
+    """`got`, from fp32 or bf16 features (the losses compute in fp32), against the float64 reference on the
+    same numbers: the loss to fp32's rounding of logits near 100 (measured: 3e-6 relative); gradients to
+    fp32's (2e-5 of the largest), or to bf16's (2^-8) where they come back in bf16. `world_size`: each
+    rank's feature gradients are those of the sum of all ranks' losses, world_size times the mean's."""
+    torch.testing.assert_close(got["loss"].double(), reference["loss"], rtol=2e-5, atol=0, msg="loss")
+    tol = 1e-4 if dtype == torch.float32 else 2**-8
+    for key in ("image_grad", "text_grad"):
+        assert got[key].dtype == dtype, key
+        expected = reference[key][rows] * world_size
+        torch.testing.assert_close(
+            got[key].double(), expected, rtol=tol, atol=tol * expected.abs().max().item(), msg=key
+        )
+
+
 def naive_clip_loss(image, text, scale):
     logits = scale * image @ text.T
     labels = torch.arange(len(image))
@@ -58,13 +92,26 @@ def test_tiled_equals_clip_loss_in_one_process(tile):
         torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-12, msg=key)
 
 
-@pytest.mark.parametrize("loss_cls", [ClipLoss, TiledClipLoss])
-def test_logit_scale_is_clamped_at_100(loss_cls):
-    image, text, _ = global_batch(2)
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("loss_name", ["clip", "tiled"])
+def test_clip_operating_point_matches_float64(loss_name, precision):
+    """Logit scale 100, aligned features, fp32 and bf16: the point a trained CLIP runs at."""
+    dtype = PRECISIONS[precision]
+    image, text = aligned_batch(2, spread=10.0, dtype=dtype)
+    reference = loss_and_grads(naive_clip_loss, image.double(), text.double(), AT_100)
+    assert 1 < reference["loss"].item() < 3  # hard negatives: the loss is not lost in the logits' rounding
+    got = loss_and_grads(LOSSES[loss_name](0, 1), image, text, AT_100.float())
+    assert_matches_float64(got, reference, dtype)
+
+
+@pytest.mark.parametrize("loss_name", ["clip", "tiled"])
+def test_logit_scale_is_clamped_at_100(loss_name):
+    image, text = aligned_batch(2, spread=10.0)
     big = torch.tensor([250.0], requires_grad=True)
-    loss = loss_cls()(image.float(), text.float(), big)
-    at_max = loss_cls()(image.float(), text.float(), torch.tensor([MAX_LOGIT_SCALE]))
-    torch.testing.assert_close(loss, at_max)
+    loss = LOSSES[loss_name](0, 1)(image.float(), text.float(), big)
+    # Against the definition at 100 in float64, not against the loss itself at 100 (inf == inf).
+    expected = naive_clip_loss(image, text, AT_100)
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=0)
     loss.backward()
     assert big.grad.item() == 0.0  # as autograd gives through clamp: nothing to learn above the ceiling
 
@@ -118,6 +165,13 @@ def _distributed_losses(rank: int, world_size: int, out_path: str) -> None:
     # bf16 features, as the towers produce under run.precision=bf16.
     image16, text16, _ = global_batch(world_size, dtype=torch.bfloat16)
     results["tiled_bf16"] = distributed_results(rank, world_size, LOSSES["tiled"], image16, text16, scale)
+    # At CLIP's operating point the ranks' partial column log-sum-exps are near 100: their combination
+    # across ranks (gather.all_reduce_logsumexp) must shift by the max too.
+    for precision, dtype in PRECISIONS.items():
+        image100, text100 = aligned_batch(world_size, spread=10.0, dtype=dtype)
+        results[f"tiled_at_100_{precision}"] = distributed_results(
+            rank, world_size, LOSSES["tiled"], image100, text100, AT_100.float()
+        )
     torch.save(results, f"{out_path}.{rank}")
     dist.destroy_process_group()
 
@@ -132,6 +186,12 @@ def test_distributed_losses_equal_single_process_loss_and_gradients(tmp_path, wo
     image16, text16, _ = global_batch(world_size, dtype=torch.bfloat16)
     # The reference for bf16 inputs: the same bf16 numbers, in float64.
     reference16 = loss_and_grads(ClipLoss(), image16.double(), text16.double(), scale)
+    references_at_100 = {}
+    for precision, dtype in PRECISIONS.items():
+        image100, text100 = aligned_batch(world_size, spread=10.0, dtype=dtype)
+        references_at_100[precision] = loss_and_grads(
+            naive_clip_loss, image100.double(), text100.double(), AT_100
+        )
 
     for rank in range(world_size):
         results = torch.load(f"{out}.{rank}", weights_only=True)
@@ -157,6 +217,10 @@ def test_distributed_losses_equal_single_process_loss_and_gradients(tmp_path, wo
                 got[key].double(), expected, rtol=2**-8, atol=2**-8 * expected.abs().max().item(), msg=key
             )
         torch.testing.assert_close(got["scale_grad"], reference16["scale_grad"], rtol=1e-5, atol=0)
+        for precision, dtype in PRECISIONS.items():
+            assert_matches_float64(
+                results[f"tiled_at_100_{precision}"], references_at_100[precision], dtype, rows, world_size
+            )
 
     # Negatives really crossed ranks: a loss over local rows only would differ.
     local_only = [

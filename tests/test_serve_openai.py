@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import random
 import signal
 import struct
@@ -135,6 +134,8 @@ def test_malformed_embeddings_requests_are_4xx_json(http):
     cases = [
         ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 422, "bad_json"),
         ({"content": b"\xff\xfe", "headers": {"Content-Type": "application/json"}}, 422, "bad_json"),
+        ({"content": b"[" * 50_000, "headers": {"Content-Type": "application/json"}}, 422, "bad_json"),  # too deep
+        ({"content": b'{"model": "x", "dimensions": 1%s}' % (b"0" * 5000), "headers": {"Content-Type": "application/json"}}, 422, "bad_json"),  # over Python's 4,300 digits
         ({"content": b"input=x", "headers": {"Content-Type": "text/plain"}}, 415, "not_json"),
         ({"json": ["a", "b"]}, 422, "bad_request"),
         ({"content": b"null", "headers": {"Content-Type": "application/json"}}, 422, "bad_request"),
@@ -165,6 +166,10 @@ def test_malformed_embeddings_requests_are_4xx_json(http):
         response = http.post("/v1/embeddings", **kwargs)
         assert response.status_code == status, (kwargs, response.text)
         assert openai_error(response) == code, (kwargs, response.text)
+    # A method the route does not take: OpenAI's shape too, and the methods it does take.
+    wrong = http.get("/v1/embeddings")
+    assert wrong.status_code == 405 and openai_error(wrong) == "method_not_allowed"
+    assert wrong.headers["allow"] == "POST"
     # The body limit is per route: JSON with 4 images of 50 kB fits, 5 MB does not.
     ok = http.post("/v1/embeddings", json={"model": MODEL, "input": [image] * 4})
     assert ok.status_code == 200, ok.text
@@ -292,5 +297,17 @@ def test_openapi_documents_the_json_body(server):
     spec = httpx.get(f"{server.url}/openapi.json").json()
     body = spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(body["required"]) == {"input", "model"}
-    assert "/v1/models" in spec["paths"]
-    assert json.dumps(spec)  # serialisable
+    assert set(body["properties"]) == {"input", "model", "encoding_format", "modality", "dimensions", "user"}
+    assert all(field["description"] for field in body["properties"].values())  # each field documented
+    assert body["additionalProperties"] is False  # as the route refuses unknown fields
+    assert {path: list(methods) for path, methods in spec["paths"].items()} == {
+        "/v1/classify": ["post"], "/v1/embed": ["post"], "/v1/embeddings": ["post"], "/v1/models": ["get"],
+        "/healthz": ["get"],
+    }  # fmt: skip
+    # The answers' shapes too, as OpenAI's clients and the docs page read them.
+    for path, method, schema in [
+        ("/v1/embeddings", "post", "EmbeddingsResponse"),
+        ("/v1/models", "get", "ModelList"),
+    ]:
+        answer = spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert answer == {"$ref": f"#/components/schemas/{schema}"}, path

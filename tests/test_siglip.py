@@ -18,7 +18,17 @@ from clip_pipe.config import LossConfig, ModelConfig
 from clip_pipe.losses import SigLipLoss, build_loss
 from clip_pipe.model import build_model, load_export, save_export
 from tests.conftest import run_ranks
-from tests.test_loss import NUM_LOCAL, TILE, distributed_results, global_batch, loss_and_grads
+from tests.test_loss import (
+    AT_100,
+    NUM_LOCAL,
+    PRECISIONS,
+    TILE,
+    aligned_batch,
+    assert_matches_float64,
+    distributed_results,
+    global_batch,
+    loss_and_grads,
+)
 
 BIAS = torch.tensor([-4.0], dtype=torch.float64)
 
@@ -41,17 +51,33 @@ def test_single_process_matches_definition_and_open_clip(tile):
         torch.testing.assert_close(theirs[key], value, rtol=1e-6, atol=1e-12, msg=key)
 
 
+# Aligned pairs at scale 100 and the initial bias: a positive's logit is about 100 · 0.995 − 10 = 89.5,
+# whose exp overflows fp32 (e^88.7 is its largest), so softplus must not be log(1 + exp(z)).
+AT_100_BIAS = torch.tensor([SigLipLoss.init_logit_bias], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_sigmoid_operating_point_matches_float64(precision):
+    dtype = PRECISIONS[precision]
+    image, text = aligned_batch(2, spread=0.0, dtype=dtype)  # random negatives, as a trained model's
+    reference = loss_and_grads(naive_sigmoid_loss, image.double(), text.double(), AT_100, AT_100_BIAS)
+    assert (100 * (image.double() * text.double()).sum(dim=1) - 10).min() > 89  # past fp32's exp
+    got = loss_and_grads(SigLipLoss(tile_size=TILE), image, text, AT_100.float(), AT_100_BIAS.float())
+    assert_matches_float64(got, reference, dtype)
+    torch.testing.assert_close(got["bias_grad"].double(), reference["bias_grad"], rtol=1e-5, atol=0)
+
+
 def test_sigmoid_loss_needs_a_bias_and_clamps_the_scale():
-    image, text, _ = global_batch(2)
+    image, text = aligned_batch(2, spread=0.0)
     with pytest.raises(ValueError, match="logit_bias"):
         SigLipLoss()(image, text, torch.tensor([10.0]))
     big = torch.tensor([250.0], requires_grad=True)
-    loss = SigLipLoss()(image.float(), text.float(), big, BIAS.float())
+    loss = SigLipLoss()(image.float(), text.float(), big, AT_100_BIAS.float())
     loss.backward()
     assert big.grad.item() == 0.0
-    torch.testing.assert_close(
-        loss, SigLipLoss()(image.float(), text.float(), torch.tensor([100.0]), BIAS.float())
-    )
+    # Against the definition at 100 in float64, not against the loss itself at 100 (inf == inf).
+    expected = naive_sigmoid_loss(image, text, AT_100, AT_100_BIAS)
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=0)
 
 
 def _distributed_sigmoid(rank: int, world_size: int, out_path: str) -> None:

@@ -173,3 +173,61 @@ def test_a_malformed_pax_header_is_a_tar_error(tmp_path):
     (tmp_path / "shard.tar").write_bytes(data + bytes(1024))
     with pytest.raises(TarError, match="unreadable pax size '12x'"):
         list(tar_samples(str(tmp_path / "shard.tar")))
+
+
+def test_a_duplicate_member_keeps_the_first_and_says_so(tmp_path, caplog):
+    members = [
+        ("000.jpg", b"first"),
+        ("000.txt", b"a caption"),
+        ("000.jpg", b"second"),  # the same member again, in the same sample
+        ("000.JPG", b"third"),  # extensions are lower-cased: the same member once more
+        ("001.jpg", b"next"),
+        ("000.txt", b"again"),  # a key seen before, but not next to its sample: a new sample, as webdataset
+    ]
+    path = write_tar(tmp_path / "shard.tar", members)
+    assert list(tar_samples(str(path))) == [
+        {"__key__": "000", "__url__": str(path), "jpg": b"first", "txt": b"a caption"},
+        {"__key__": "001", "__url__": str(path), "jpg": b"next"},
+        {"__key__": "000", "__url__": str(path), "txt": b"again"},
+    ]
+    # webdataset raises at a duplicate and loses the rest of the shard; this reader drops the duplicate
+    # alone, and names it.
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: duplicate member 000.jpg; the first one is kept",
+        f"{path}: duplicate member 000.JPG; the first one is kept",
+    ]
+
+
+def signed_checksums(data: bytes, header_offsets: list[int]) -> bytes:
+    """`data` with each header's checksum recomputed as old tar programs did, over signed bytes (POSIX
+    says unsigned; tarfile and GNU tar accept either)."""
+    out = bytearray(data)
+    for offset in header_offsets:
+        header = out[offset : offset + 512]
+        signed = 8 * 32 + sum(b - 256 if b > 127 else b for b in header[:148] + header[156:])
+        out[offset + 148 : offset + 156] = b"%06o\0 " % signed
+    return bytes(out)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT], ids=["ustar", "gnu"])
+def test_old_signed_byte_checksums_are_read_as_tarfile_reads_them(tmp_path, tar_format):
+    # Non-ASCII names put bytes over 127 in the headers, where signed and unsigned sums differ.
+    members = [
+        ("caf\u00e9/000.txt", b"a caption"),
+        ("caf\u00e9/000.jpg", b"\xff\xd8"),
+        ("\u65e5/001.txt", b"x"),
+    ]
+    path = write_tar(tmp_path / "shard.tar", members, tar_format)
+    with tarfile.open(path) as tar:
+        offsets = [member.offset for member in tar.getmembers()]
+    whole = path.read_bytes()
+    path.write_bytes(signed_checksums(whole, offsets))
+    assert path.read_bytes() != whole
+    with tarfile.open(path) as tar:  # the reference accepts the old sums
+        assert [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()] == members
+    ours = list(tar_samples(str(path)))
+    assert ours == webdataset_samples(path)
+    assert [(s["__key__"], sorted(s)) for s in ours] == [
+        ("caf\u00e9/000", ["__key__", "__url__", "jpg", "txt"]),
+        ("\u65e5/001", ["__key__", "__url__", "txt"]),
+    ]

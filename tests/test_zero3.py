@@ -13,7 +13,7 @@ import json
 import pytest
 
 from clip_pipe.config import load_config
-from clip_pipe.eval import evaluate, read_eval_set
+from clip_pipe.eval import embed, evaluate, read_eval_set
 from clip_pipe.model import load_export
 from tests.conftest import REPO, run_ranks, write_eval_set
 from tests.eval_helpers import write_pairs_set
@@ -44,7 +44,8 @@ def test_zero3_trains_evaluates_and_exports(tmp_path, color_shards):
     results = everything["eval"]
     assert results["num_samples"] == 41 and results["num_skipped"] == 0
     assert json.loads((run_dir / "zeroshot.json").read_text()) == {"eval": results}  # still written
-    assert everything["pairs"]["num_images"] == 9 and "linear_probe_top1" in results
+    assert everything["pairs"]["num_images"] == 9
+    assert results["linear_probe_train_samples"] == 18  # every rank's share of the probe's training set
     assert "linear_probe_top1" not in everything["pairs"]  # the probe's own training set
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "zeroshot_top1" in r] == [3, 6]
@@ -62,9 +63,12 @@ def test_zero3_trains_evaluates_and_exports(tmp_path, color_shards):
     # The exported model.safetensors is whole: open_clip loads it (strictly), and a one-process evaluation of
     # it agrees with the 2-rank ZeRO-3 one, so no padding row was counted.
     encoder = load_export(run_dir / "model.safetensors")
-    again = evaluate(encoder.model, encoder.preprocess_val, encoder.tokenizer, read_eval_set(eval_set), 4)
+    towers = encoder.model, encoder.preprocess_val, encoder.tokenizer
+    probe = embed(*towers, read_eval_set(pairs), 4)
+    again = evaluate(*towers, read_eval_set(eval_set), 4, probe_train=probe)
     assert again["num_samples"] == 41
-    for key in ("top1", "top5", "mean_per_class_recall", "per_class_accuracy"):
+    probe_keys = [f"linear_probe_{m}" for m in ("top1", "top5", "mean_per_class_recall", "C")]
+    for key in ("top1", "top5", "mean_per_class_recall", "per_class_accuracy", *probe_keys):
         assert again[key] == pytest.approx(results[key], abs=1e-6), key
     # So does the checkpoint's export, and the checkpoint itself is DeepSpeed's partitioned one.
     checkpoint = run_dir / "checkpoints" / "step_00000006"

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clip_pipe.classifier import ZeroShotClassifier
 from clip_pipe.limits import FORM_SLACK_BYTES, ServeLimits
@@ -82,6 +83,12 @@ def create_app(
         if e.code in IMAGE_ERRORS:
             metrics.images_rejected.labels(e.code).inc()
         return error_response(request, e.status, e.code, e.detail, e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        # Starlette's own refusals (no such route, a method the route does not take), in the API's shape
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "bad_request")
+        return error_response(request, e.status_code, code, str(e.detail), e.headers)
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, e: Overloaded):

@@ -79,8 +79,10 @@ async def read_json(request: Request):
         raise ApiError(413, "request_too_large", "request body over the size limit") from None
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(422, "bad_json", f"the body is not valid JSON: {e}") from None
+    except RecursionError:  # nested past Python's recursion limit (about 1,000 levels)
+        raise ApiError(422, "bad_json", "the body's JSON is nested too deeply") from None
+    except ValueError as e:  # not JSON (JSONDecodeError, UnicodeDecodeError), or a number over 4,300 digits
+        raise ApiError(422, "bad_json", f"the body is not JSON this server reads: {e}") from None
 
 
 def text_fields(form, name: str, max_count: int, max_chars: int) -> list[str]:
