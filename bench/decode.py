@@ -250,8 +250,7 @@ def fidelity(samples: list[dict], augment: TrainAugment) -> dict[str, float]:
         if source.reduction > 1:
             num_reduced += 1
             r = source.reduction
-            edges = [round(e / r) * r for e in (top, left, top + h, left + w)]
-            grid_box = Box(edges[0], edges[1], edges[2] - edges[0], edges[3] - edges[1])
+            grid_box = Box(*(e * r for e in source.reduced_box()))  # in stored pixels
             crop = augment.crop(source, rng)
             same_box.append(_psnr(augment.crop(CropSource(full_image, grid_box, 1), None), crop))
             drawn_box.append(_psnr(full, crop))
@@ -263,6 +262,17 @@ def fidelity(samples: list[dict], augment: TrainAugment) -> dict[str, float]:
         "drawn_box_min": min(drawn_box) if drawn_box else math.inf,
         "pil": statistics.mean(pil_psnrs),
     }
+
+
+def cpu_flags() -> str:
+    """The instruction-set flags that decide which kernels run (as `lscpu` lists them)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set()
+    if cpuinfo.is_file():
+        line = next((x for x in cpuinfo.read_text().splitlines() if x.startswith("flags")), "")
+        flags = set(line.split(":", 1)[-1].split())
+    wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/amx"
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -331,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"\n## Decoded + augmented samples/s, one thread, {args.output}-px output, {args.rounds} interleaved rounds"
-        f"\n{machine_description()}; ATen CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+        f"\n{machine_description()} ({cpu_flags()}); ATen CPU capability {torch.backends.cpu.get_cpu_capability()}; "
         f"{datetime.date.today()}; torch {torch.__version__}, simplejpeg {simplejpeg.__version__}\n"
     )
     print(

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from clip_pipe.data.decode import CropSource
+from clip_pipe.data.decode import Box, CropSource
 
 # open_clip's defaults (open_clip.transform.AugmentationCfg and RandomResizedCrop's ratio).
 CROP_SCALE = (0.9, 1.0)
@@ -64,18 +64,11 @@ class TrainAugment:
 
     def crop(self, image: torch.Tensor | CropSource, rng: random.Random) -> torch.Tensor:
         """A uint8 (3, H, W) image's random crop, resized to `size`; or that of a `CropSource`, whose box
-        was drawn from `rng` before decoding, on pixels perhaps decoded at 1/r of the full size."""
+        was drawn from `rng` before decoding, on pixels perhaps decoded at 1/r of the full size (the
+        box's edges then on that grid, at most r/2 stored pixels off)."""
         if isinstance(image, torch.Tensor):
-            image = CropSource(image, self.crop_box(image.shape[-2], image.shape[-1], rng), 1)
-        (top, left, h, w), r = image.box, image.reduction
-        if r > 1:  # the box in the reduced picture's pixels: each edge to the nearest (at most r/2 off)
-            top, left, bottom, right = (
-                round(top / r),
-                round(left / r),
-                round((top + h) / r),
-                round((left + w) / r),
-            )
-            h, w = bottom - top, right - left
+            image = CropSource(image, Box(*self.crop_box(image.shape[-2], image.shape[-1], rng)), 1)
+        top, left, h, w = image.reduced_box()
         patch = image.pixels[None, :, top : top + h, left : left + w]
         # torch's uint8 path (antialiased bicubic, PIL's a = -0.5 kernel), rounded and clamped to uint8.
         return F.interpolate(patch, size=self.size, mode="bicubic", antialias=True, align_corners=False)[0]

@@ -47,6 +47,13 @@ class CropSource(NamedTuple):
     box: Box
     reduction: int
 
+    def reduced_box(self) -> Box:
+        """The box in `pixels`' own coordinates: each edge at the nearest reduced pixel (halves up), at
+        most r/2 stored pixels from the drawn edge. The box itself when r is 1."""
+        r, (top, left, height, width) = self.reduction, self.box
+        top, left, bottom, right = ((2 * e + r) // (2 * r) for e in (top, left, top + height, left + width))
+        return Box(top, left, bottom - top, right - left)
+
 
 def _image_bytes(sample: dict) -> bytes:
     for ext in IMAGE_EXTENSIONS:
@@ -106,7 +113,8 @@ def decode_for_crop(sample: dict, augment: TrainAugment, rng: random.Random) -> 
     data = _image_bytes(sample)
     width, height = checked_size(data)
     box = Box(*augment.crop_box(height, width, rng))
-    reduction = jpeg_reduction(box, augment.size) if data[:2] == b"\xff\xd8" else 1
+    is_jpeg = data[:2] == b"\xff\xd8"  # the start-of-image marker
+    reduction = jpeg_reduction(box, augment.size) if is_jpeg else 1
     if reduction > 1:
         try:
             # Four-channel JPEGs (CMYK, YCCK; rare) convert to RGB differently here, so they go the full way.
