@@ -5,7 +5,7 @@ open.py      shard URL -> samples: local, fsspec (s3, gs), http(s), pipe:; fetch
 cache.py     the optional bounded local cache of remote shards
 order.py     which shards each loader slot reads, epoch by epoch; the resumable position
 tar.py       the lean tar reader
-decode.py    header sizes, the pixel limit, uint8 decode
+decode.py    header sizes, the pixel limit, uint8 decode (JPEGs at a reduced scale where the crop allows)
 augment.py   the training crop (per sample) and normalisation (per batch); views.py the SSL views
 stream.py    ImageTextStream and batch_loader: stages -> batches -> the trainer
 """

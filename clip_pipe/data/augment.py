@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from clip_pipe.data.decode import Box, CropSource
+
 # open_clip's defaults (open_clip.transform.AugmentationCfg and RandomResizedCrop's ratio).
 CROP_SCALE = (0.9, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -60,9 +62,14 @@ class TrainAugment:
                 return rng.randint(0, height - h), rng.randint(0, width - w), h, w
         return 0, 0, height, width
 
-    def crop(self, image: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        top, left, h, w = self.crop_box(image.shape[-2], image.shape[-1], rng)
-        patch = image[None, :, top : top + h, left : left + w]
+    def crop(self, image: torch.Tensor | CropSource, rng: random.Random) -> torch.Tensor:
+        """A uint8 (3, H, W) image's random crop, resized to `size`; or that of a `CropSource`, whose box
+        was drawn from `rng` before decoding, on pixels perhaps decoded at 1/r of the full size (the
+        box's edges then on that grid, at most r/2 stored pixels off)."""
+        if isinstance(image, torch.Tensor):
+            image = CropSource(image, Box(*self.crop_box(image.shape[-2], image.shape[-1], rng)), 1)
+        top, left, h, w = image.reduced_box()
+        patch = image.pixels[None, :, top : top + h, left : left + w]
         # torch's uint8 path (antialiased bicubic, PIL's a = -0.5 kernel), rounded and clamped to uint8.
         return F.interpolate(patch, size=self.size, mode="bicubic", antialias=True, align_corners=False)[0]
 

@@ -31,7 +31,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip_pipe.data.augment import TrainAugment
-from clip_pipe.data.decode import decode_uint8
+from clip_pipe.data.decode import decode_for_crop, decode_uint8
 from clip_pipe.data.open import ShardReader
 from clip_pipe.data.order import LoaderPosition, SlotPosition, assign_shards, seed_of
 from clip_pipe.data.sources import Shard
@@ -144,7 +144,8 @@ class ImageTextStream(IterableDataset):
     (`augment.collate`) and tokenize. `start` resumes exactly where a `LoaderPosition` saved from an
     earlier run of the same stream (same shards, seed, batch size, ranks and workers) left off. `views`, if given, maps each decoded
     image to extra augmented views (V, 3, H, W), batched as `views` (B, V, 3, H, W); it draws after the
-    crop, so `images` are the same with or without it.
+    crop, so `images` have the same crop boxes with or without it (with views the image is decoded in
+    full for them, so where a JPEG would be decoded at a reduced scale its crop's pixels differ slightly).
     """
 
     def __init__(
@@ -187,18 +188,21 @@ class ImageTextStream(IterableDataset):
 
         images, image_views, captions, keys, num_reported = [], [], [], [], 0
         for position, sample in samples:
+            # The crop is drawn from a generator seeded by the sample's place in the stream alone, so a
+            # resumed run crops exactly as the uninterrupted one would.
+            sample_seed = seed_of(self.seed, slot, position.epoch, position.num_read)
+            rng = random.Random(sample_seed)
             try:  # only what depends on the data: a bad sample is counted and skipped, never fatal
-                decoded = decode_uint8(sample)
+                # The views need the whole image; the crop alone draws its box first and decodes
+                # only as finely as that box needs.
+                decoded = decode_uint8(sample) if self.views else decode_for_crop(sample, self.augment, rng)
                 caption = sample["txt"].decode("utf-8")
             except Exception as exn:
                 errors(exn)
                 continue
             # Outside the try: an error here is a bug in our code or config (every sample would hit it),
             # and counting it as a skipped sample would make the loader spin forever instead of failing.
-            # The crop is drawn from a generator seeded by the sample's place in the stream alone, so a
-            # resumed run crops exactly as the uninterrupted one would.
-            sample_seed = seed_of(self.seed, slot, position.epoch, position.num_read)
-            image = self.augment.crop(decoded, random.Random(sample_seed))
+            image = self.augment.crop(decoded, rng)
             views = None
             if self.views:
                 # From the same decoded image: never decoded twice. torchvision's transforms draw from
