@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 
 from clip_pipe.config import LossConfig
-from clip_pipe.losses import MAX_LOGIT_SCALE, ClipLoss, SigLipLoss, TiledClipLoss, build_loss
+from clip_pipe.losses import (
+    MAX_LOGIT_SCALE,
+    ClipLoss,
+    SigLipLoss,
+    TiledClipLoss,
+    WithImageSsl,
+    build_loss,
+)
 from tests.conftest import run_ranks
 
 NUM_LOCAL, DIM = 6, 16
@@ -86,6 +93,9 @@ def test_build_loss_picks_the_configured_class():
     assert type(build_loss(LossConfig())) is TiledClipLoss
     loss_fn = build_loss(LossConfig(kind="siglip", tile_size=7), rank=1, world_size=3)
     assert type(loss_fn) is SigLipLoss and (loss_fn.rank, loss_fn.world_size, loss_fn.tile_size) == (1, 3, 7)
+    loss_fn = build_loss(LossConfig(kind="siglip", image_ssl_weight=0.25), rank=1, world_size=3)
+    assert type(loss_fn) is WithImageSsl and loss_fn.weight == 0.25
+    assert type(loss_fn.image_text_loss) is SigLipLoss and loss_fn.image_ssl_loss.world_size == 3
     with pytest.raises(ValueError, match=r"loss\.kind"):
         LossConfig(kind="softmax")
     with pytest.raises(ValueError, match=r"loss\.tile_size"):
