@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss as OpenClipLoss
 
 from bench.common import machine_description
 from clip_pipe.distributed import free_port
@@ -49,6 +48,9 @@ GIB = 2**30
 def make_loss(name: str, rank: int, tile_size: int):
     if name == OURS:
         return TiledClipLoss(rank, WORLD, tile_size=tile_size)
+    # Imported here: a process that measures ours alone then spends no time importing open_clip and torchvision.
+    from open_clip.loss import ClipLoss as OpenClipLoss
+
     return OpenClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=WORLD)
 
 
@@ -143,11 +145,14 @@ def predicted_bytes(name: str, batch: int, peaks: dict[int, int]) -> float | Non
 
 def largest_batch(name: str, budget: float, peaks: dict[int, int]) -> int:
     """Largest B_local whose predicted peak rise fits in `budget` bytes."""
-    sizes = sorted(peaks)
+    # RSS moves in pages: a smaller rise (small batches) reads as 0, so count at least one page.
+    sizes, page = sorted(peaks), os.sysconf("SC_PAGE_SIZE")
     if name == THEIRS:
-        return int(sizes[-1] * math.sqrt(budget / peaks[sizes[-1]]))
+        return int(sizes[-1] * math.sqrt(budget / max(peaks[sizes[-1]], page)))
+    if len(sizes) == 1:  # proportional, as predicted_bytes assumes from one size
+        return int(sizes[0] * budget / max(peaks[sizes[0]], page))
     (b0, b1), (p0, p1) = sizes[-2:], (peaks[sizes[-2]], peaks[sizes[-1]])
-    slope = (p1 - p0) / (b1 - b0)
+    slope = max(p1 - p0, page) / (b1 - b0)
     return int(b1 + (budget - p1) / slope)
 
 
@@ -171,15 +176,18 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--tile", type=int, default=DEFAULT_TILE_SIZE)
     parser.add_argument("--repeats", type=int, default=3, help="timed pairs where both losses fit")
-    parser.add_argument("--demo-repeats", type=int, default=100, help="timed pairs at B_local 128, dim 64")
+    parser.add_argument(
+        "--demo-repeats", type=int, default=100, help="timed pairs at B_local 128, dim 64 (0: skip)"
+    )
     parser.add_argument("--cap-gib", type=float, default=8.0, help="most any one process may grow")
     args = parser.parse_args()
     cap = int(args.cap_gib * GIB)
 
     rows = []
-    demo = spawn(time_worker, 128, 64, args.tile, args.demo_repeats, cap)
-    rows.append({"B_local": 128, "dim": 64, **summarise(demo)})
-    print(json.dumps(rows[-1]), flush=True)
+    if args.demo_repeats:
+        demo = spawn(time_worker, 128, 64, args.tile, args.demo_repeats, cap)
+        rows.append({"B_local": 128, "dim": 64, **summarise(demo)})
+        print(json.dumps(rows[-1]), flush=True)
 
     peaks = {OURS: {}, THEIRS: {}}
     for batch in sorted(set(args.calibrate + args.sizes)):

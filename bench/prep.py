@@ -2,6 +2,7 @@
 
     python -m bench.prep --rounds 3                  # images/s, ours vs img2dataset, same 10k URLs
     python -m bench.prep --memory 250000 1000000 4000000   # peak RSS vs rows in the caption table
+    python -m bench.prep --smoke                     # both, on tiny inputs, in seconds: does it still run?
 
 Throughput: 10k JPEGs of varied sizes (Tux Paint photos, re-cropped and rescaled; synthetic pictures
 if the package is absent) are served on 127.0.0.1 by nginx, one worker process (`apt-get install
@@ -11,7 +12,9 @@ side to 224 keeping the aspect ratio, and write JPEG quality 95 into 1000-row We
 alternate A B A B; each figure is the wall clock of the whole command (start-up included), as images
 written per second.
 
-img2dataset runs from its own venv (it pins webdataset<0.3): IMG2DATASET=/path/to/venv/bin/img2dataset.
+img2dataset is found on PATH or at $IMG2DATASET. It pins webdataset<0.3, so give it its own venv:
+`python -m venv img2dataset-venv && img2dataset-venv/bin/pip install img2dataset`, then
+`IMG2DATASET=img2dataset-venv/bin/img2dataset`. Under `--smoke` without it, only our side runs (it says so).
 
 Memory: caption tables of N rows (paths + captions) go through the whole pipeline (streamed table
 reading, shard tasks, worker processes, per-shard stats, finalize with rejected.csv), with every row
@@ -45,7 +48,10 @@ from bench.common import machine_description
 from clip_pipe.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-IMG2DATASET = os.environ.get("IMG2DATASET", "/work/bench-venvs/img2dataset/bin/img2dataset")
+IMG2DATASET_INSTALL = (
+    "python -m venv img2dataset-venv && img2dataset-venv/bin/pip install img2dataset, "
+    "then IMG2DATASET=img2dataset-venv/bin/img2dataset"
+)
 TUXPAINT = Path("/usr/share/tuxpaint/stamps")
 
 
@@ -189,7 +195,34 @@ def wait_for_port(port: int, server: subprocess.Popen, log: Path, timeout: float
     raise RuntimeError(f"the HTTP server did not listen on port {port} within {timeout} s")
 
 
+def find_img2dataset() -> str | None:
+    """$IMG2DATASET if set (it must exist), else img2dataset on PATH, else None."""
+    path = os.environ.get("IMG2DATASET")
+    if path:
+        if not shutil.which(path):
+            raise SystemExit(f"IMG2DATASET={path}: no such executable (install: {IMG2DATASET_INSTALL})")
+        return path
+    return shutil.which("img2dataset")
+
+
+def img2dataset_version(executable: str) -> str:
+    python = Path(executable).with_name("python")  # its venv's own interpreter knows its version
+    if not python.exists():
+        return "(version unknown)"
+    code = "import importlib.metadata as m; print(m.version('img2dataset'))"
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True).stdout.strip()
+
+
 def throughput(args) -> None:
+    img2dataset = find_img2dataset()
+    if img2dataset is None:
+        if not args.smoke:
+            raise SystemExit(
+                f"img2dataset not found on PATH or at $IMG2DATASET; install: {IMG2DATASET_INSTALL}"
+            )
+        print(f"img2dataset not found on PATH or at $IMG2DATASET, so its side is skipped; install: "
+              f"{IMG2DATASET_INSTALL}", flush=True)  # fmt: skip
+    tools = ("clip-pipe", "img2dataset") if img2dataset else ("clip-pipe",)
     work = Path(args.work)
     images = work / "images"
     make_images(images, args.num_images)
@@ -207,16 +240,16 @@ def throughput(args) -> None:
             "--jpeg-quality", "95", "--shard-size", "1000", "--retries", "0", "--timeout", "10",
         ]  # fmt: skip
         theirs = [
-            IMG2DATASET, "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
+            str(img2dataset), "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
             "--caption_col", "caption", "--output_format", "webdataset", "--processes_count", str(args.processes),
             "--thread_count", str(args.threads), "--image_size", "224", "--resize_mode", "keep_ratio",
             "--resize_only_if_bigger", "False", "--encode_quality", "95", "--encode_format", "jpg",
             "--number_sample_per_shard", "1000", "--timeout", "10", "--retries", "0", "--extract_exif", "False",
             "--enable_wandb", "False", "--distributor", "multiprocessing",
         ]  # fmt: skip
-        results = {"clip-pipe": [], "img2dataset": []}
+        results = {name: [] for name in tools}
         for round_ in range(args.rounds):
-            for name in ("clip-pipe", "img2dataset") if round_ % 2 == 0 else ("img2dataset", "clip-pipe"):
+            for name in tools if round_ % 2 == 0 else tools[::-1]:
                 out = Path(tempfile.mkdtemp(dir=work, prefix=f"{name}-"))
                 command = (
                     [*ours, "--out", str(out)]
@@ -229,13 +262,9 @@ def throughput(args) -> None:
                 print(f"round {round_} {name}: {num} images in {wall:.1f} s = {num / wall:.0f} img/s, "
                       f"{cpu:.1f} CPU s, peak RSS {peak / 2**20:.0f} MiB", flush=True)  # fmt: skip
                 subprocess.run(["rm", "-rf", str(out)], check=True)
-    ratios = [a[0] / b[0] for a, b in zip(results["clip-pipe"], results["img2dataset"], strict=True)]
-    version = subprocess.run(
-        [str(Path(IMG2DATASET).with_name("pip")), "show", "img2dataset"], capture_output=True, text=True
-    ).stdout.split("\n")[1]
+    reference = f"img2dataset {img2dataset_version(img2dataset)}" if img2dataset else "no img2dataset"
     print(f"\n{machine_description()}; {args.num_images} images served by {server_name}; {args.processes} "
-          f"processes x {args.threads} threads; img2dataset {version.split()[-1]}")  # fmt: skip
-    cpu_ratios = [b[4] / a[4] for a, b in zip(results["clip-pipe"], results["img2dataset"], strict=True)]
+          f"processes x {args.threads} threads; {reference}")  # fmt: skip
     print(
         "| tool | images/s (median) | wall s (median) | CPU s (median) | peak RSS (median) | images written |"
     )
@@ -244,9 +273,12 @@ def throughput(args) -> None:
         print(f"| {name} | {statistics.median(r[0] for r in rows):.0f} | {statistics.median(r[1] for r in rows):.1f} "
               f"| {statistics.median(r[4] for r in rows):.1f} | {statistics.median(r[2] for r in rows) / 2**20:.0f} MiB "
               f"| {rows[0][3]} |")  # fmt: skip
-    print(f"| ratio (ours / img2dataset) | {statistics.median(ratios):.2f}x "
-          f"({min(ratios):.2f}-{max(ratios):.2f}) over {len(ratios)} pairs | | "
-          f"{statistics.median(cpu_ratios):.2f}x less ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}) | | |")  # fmt: skip
+    if img2dataset:
+        ratios = [a[0] / b[0] for a, b in zip(results["clip-pipe"], results["img2dataset"], strict=True)]
+        cpu_ratios = [b[4] / a[4] for a, b in zip(results["clip-pipe"], results["img2dataset"], strict=True)]
+        print(f"| ratio (ours / img2dataset) | {statistics.median(ratios):.2f}x "
+              f"({min(ratios):.2f}-{max(ratios):.2f}) over {len(ratios)} pairs | | "
+              f"{statistics.median(cpu_ratios):.2f}x less ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}) | | |")  # fmt: skip
 
 
 def memory(args) -> None:
@@ -289,7 +321,11 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--work", default="/tmp/clip-pipe-bench-prep", help="images, tables and outputs")
+    parser.add_argument(
+        "--work",
+        default=Path(tempfile.gettempdir()) / "clip-pipe-bench-prep",
+        help="images, tables and outputs",
+    )
     parser.add_argument("--num-images", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3, help="pairs of runs (A B, then B A, ...)")
     parser.add_argument("--processes", type=int, default=2)
@@ -297,8 +333,16 @@ def main():
     parser.add_argument(
         "--memory", type=int, nargs="*", help="measure peak RSS for these table sizes instead"
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="both measurements on tiny inputs, to check that the script runs"
+    )
     args = parser.parse_args()
-    if args.memory:
+    if args.smoke:
+        args.num_images, args.rounds, args.processes, args.threads = 24, 1, 1, 4
+        throughput(args)
+        args.memory = [100, 200]
+        memory(args)
+    elif args.memory:
         memory(args)
     else:
         throughput(args)

@@ -16,7 +16,8 @@ spread.
 offline) serving the same weights, written as a transformers CLIPModel folder by `bench.hf_clip` (which
 checks that folder's embeddings equal ours). Before timing, one request to each server must give the same
 embedding (to 1e-3: transformers' image processor resizes with PIL, ours with torchvision). infinity needs its own venv (it pins other numpy, transformers and uvicorn versions
-than ours), e.g. `python -m venv /tmp/infinity && /tmp/infinity/bin/pip install "infinity-emb[all]" aiohttp`.
+than ours), e.g. `python -m venv infinity-venv && infinity-venv/bin/pip install "infinity-emb[all]" aiohttp`,
+then `--infinity infinity-venv/bin/infinity_emb`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Soak of the HTTP zero-shot API: many concurrent clients, valid and hostile requests mixed, for a while.
 
-    python -m bench.soak [--clients 64] [--seconds 60] [--invalid-frac 0.4] [--slowloris 32] [--out FILE]
+    python -m bench.soak [--clients 64] [--seconds 60] [--warmup 5] [--invalid-frac 0.4] [--slowloris 32] [--out FILE]
 
 Starts `clip-pipe serve` on 127.0.0.1 with a model taught coloured squares in-process (a second; the
 `train_color_export` the tests use), so every valid answer can be checked: a valid request is one image
@@ -125,14 +125,14 @@ async def soak(url: str, pid: int, args) -> dict:
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         await client_loop(
-            client, -1, time.monotonic() + 5, args.invalid_frac, dict(stats, latency=[])
+            client, -1, time.monotonic() + args.warmup, args.invalid_frac, dict(stats, latency=[])
         )  # warm-up
         rss = [rss_mib(pid)]
         stop_at = time.monotonic() + args.seconds
 
         async def sample_rss():
             while time.monotonic() < stop_at:
-                await asyncio.sleep(5)
+                await asyncio.sleep(min(5, max(0, stop_at - time.monotonic())))  # no later than the stop
                 rss.append(rss_mib(pid))
 
         start = time.monotonic()
@@ -157,6 +157,7 @@ def main() -> int:
     )
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--warmup", type=float, default=5, help="seconds of one client before the soak")
     parser.add_argument("--invalid-frac", type=float, default=0.4)
     parser.add_argument("--slowloris", type=int, default=32)
     parser.add_argument("--out", help="also write the results as JSON here")

@@ -63,18 +63,20 @@ main([*sys.argv[1:], "--logs", os.environ["BENCH_OPEN_CLIP_LOGS"]])
 """
 
 
-def ours(shards: Path, out: Path, steps: int, batch: int, precision: str, seed: int) -> list[str]:
+def ours(
+    shards: Path, out: Path, steps: int, batch: int, precision: str, seed: int, log_every: int
+) -> list[str]:
     return [
         "launch/train.py", "--config", "configs/fashion_mnist.yaml", f"model.name={MODEL}", f"data.train={shards}",
         "eval.sets=[]", "eval.retrieval_sets=[]", "eval.linear_probe_train=null", f"data.batch_size={batch}", f"run.steps={steps}", f"run.out_dir={out}",
         f"run.checkpoint_every={steps}", "run.zero_stage=0", f"run.precision={precision}", "data.num_workers=0",
         "optim.lr=2e-3", "optim.warmup_steps=100", "optim.weight_decay=0.1", "optim.grad_clip=1.0",
-        "data.shuffle_buffer=2000", f"run.seed={seed}", f"data.seed={seed}",
+        "data.shuffle_buffer=2000", f"run.seed={seed}", f"data.seed={seed}", f"run.log_every={log_every}",
     ]  # fmt: skip
 
 
 def theirs(
-    shards: Path, out: Path, steps: int, batch: int, precision: str, seed: int, wrapper: Path
+    shards: Path, out: Path, steps: int, batch: int, precision: str, seed: int, log_every: int, wrapper: Path
 ) -> list[str]:
     urls = "::".join(str(p) for p in sorted(shards.glob("*.tar")))
     return [
@@ -82,7 +84,7 @@ def theirs(
         "--dataset-resampled", f"--train-num-samples={steps * batch * 2}", "--epochs=1", f"--batch-size={batch}",
         "--workers=0", f"--model={MODEL}", "--lr=2e-3", "--wd=0.1", "--warmup=100", "--beta2=0.98", "--eps=1e-6",
         "--grad-clip-norm=1.0", f"--precision={'amp_bf16' if precision == 'bf16' else 'fp32'}", "--local-loss",
-        "--gather-with-grad", "--log-every-n-steps=50", "--name=bench", "--report-to=", "--zeroshot-frequency=0",
+        "--gather-with-grad", f"--log-every-n-steps={log_every}", "--name=bench", "--report-to=", "--zeroshot-frequency=0",
         "--val-frequency=0", f"--seed={seed}",
     ]  # fmt: skip
 
@@ -178,6 +180,7 @@ def main() -> None:
     )
     parser.add_argument("--no-open-clip", action="store_true", help="time clip-pipe (and --baseline) only")
     parser.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluations")
+    parser.add_argument("--log-every", type=int, default=50, help="both tools log samples/s every N steps")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     global_batch = 2 * args.batch
@@ -198,11 +201,20 @@ def main() -> None:
                         out = Path(tmp) / f"{precision}-{name}-{seed}-{steps}"
                         if name == "open_clip_train":
                             cmd, src = (
-                                theirs(args.shards, out, steps, args.batch, precision, seed, wrapper),
+                                theirs(
+                                    args.shards,
+                                    out,
+                                    steps,
+                                    args.batch,
+                                    precision,
+                                    seed,
+                                    args.log_every,
+                                    wrapper,
+                                ),
                                 REPO,
                             )
                         else:
-                            cmd = ours(args.shards, out, steps, args.batch, precision, seed)
+                            cmd = ours(args.shards, out, steps, args.batch, precision, seed, args.log_every)
                             src = checkouts[name]
                         walls[steps] = timed(cmd, env, out, src)
                     steady = global_batch * (args.long - args.short) / (walls[args.long] - walls[args.short])

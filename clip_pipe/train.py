@@ -38,7 +38,6 @@ from clip_pipe.eval import configured_sets, embed, format_results, logged_metric
 from clip_pipe.eval.figures import figure_data
 from clip_pipe.eval.report import write_report
 from clip_pipe.losses import MAX_LOGIT_SCALE, build_loss
-from clip_pipe.losses.ssl import NtXentLoss, WithImageSsl
 from clip_pipe.metrics import MetricsLog, plot_metrics, setup_logging
 from clip_pipe.model import DualEncoder, add_image_ssl_head, build_model, save_export
 
@@ -123,11 +122,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     loss_fn, views = build_loss(cfg.loss, env.rank, env.world_size), None
     if cfg.loss.image_ssl_weight > 0:
         add_image_ssl_head(encoder)
-        ssl = cfg.loss.image_ssl
-        loss_fn = WithImageSsl(
-            loss_fn, NtXentLoss(env.rank, env.world_size, ssl.temperature), cfg.loss.image_ssl_weight
-        )
-        views = TwoViews(ssl, encoder.model.visual.preprocess_cfg)
+        views = TwoViews(cfg.loss.image_ssl, encoder.model.visual.preprocess_cfg)
     engine = Engine(encoder.model, cfg, env.world_size)
     global_batch = cfg.data.batch_size * env.world_size
     metrics = MetricsLog(run_dir / "metrics.jsonl", cfg.run.report_to)

@@ -90,3 +90,30 @@ def test_hypothesis_is_derandomized_in_ci_and_prints_its_failure_blob(pytester, 
         runs.append((pytester.path / "drawn.txt").read_text().split())
         (pytester.path / "drawn.txt").unlink()
     assert runs[0] == runs[1] and len(set(runs[0])) > 10  # the same examples, in the same order
+
+
+NOT_FOR_CI_TESTS = """
+from tests.capabilities import missing, needs
+
+
+@needs(False, "a CUDA device", "a lent GPU machine", expected_in_ci=False)
+def test_marked():
+    pass
+
+
+def test_called():
+    missing("img2dataset", "pip install img2dataset in its own venv", expected_in_ci=False)
+"""
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_a_capability_ci_is_not_set_up_with_skips_with_its_reason_even_in_ci(pytester, monkeypatch, ci):
+    monkeypatch.setenv("CI", ci)
+    pytester.makeconftest(INNER_CONFTEST)
+    pytester.makepyfile(test_inner=NOT_FOR_CI_TESTS)
+    result = pytester.runpytest("-ra", "-p", "no:cacheprovider")
+    result.assert_outcomes(skipped=2)
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(
+        ["SKIPPED*a CUDA device is not available: a lent GPU*", "SKIPPED*img2dataset is not available: pip*"]
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -230,6 +231,80 @@ def test_embedding_gradients_are_sparse_only_where_deepspeed_reduces_them_so(ove
 
     cfg = make_cfg(0, None, *overrides)
     assert reduces_sparse_gradients(deepspeed_config(cfg, world_size=2)) is sparse
+
+
+# What each DeepSpeed collective takes from this rank: the argument that travels (the rest are outputs).
+SENT_ARGUMENT = {
+    "all_reduce": 0, "inference_all_reduce": 0, "broadcast": 0, "all_gather": 1, "all_gather_into_tensor": 1,
+    "allgather_fn": 1, "reduce_scatter_tensor": 1, "reduce_scatter_fn": 1, "all_to_all_single": 1,
+}  # fmt: skip
+
+
+def _sparse_gradient_traffic(rank: int, world_size: int, out: str) -> None:
+    """Train 2 steps at ZeRO-0 fp32, recording every tensor this rank hands to DeepSpeed's collectives."""
+    import deepspeed.comm
+
+    from clip_pipe.distributed import env_from_os
+    from clip_pipe.engine import Engine, init_process_group
+
+    torch.set_num_threads(1)
+    init_process_group(env_from_os())
+    cfg = make_cfg(0)
+    torch.manual_seed(0)
+    encoder = build_model(cfg.model)
+    engine = Engine(encoder.model, cfg, world_size)
+    sent: list[tuple[str, list[int], str]] = []
+
+    def recording(name: str, collective):
+        def record(*args, **kwargs):
+            tensor = args[SENT_ARGUMENT[name]]
+            sent.append((name, list(tensor.shape), str(tensor.dtype)))
+            return collective(*args, **kwargs)
+
+        return record
+
+    # DeepSpeed's engine calls them as `deepspeed.comm.<name>`; the loss's own collectives are torch's.
+    for name in SENT_ARGUMENT:
+        setattr(deepspeed.comm, name, recording(name, getattr(deepspeed.comm, name)))
+    steps = []
+    rows = slice(rank * NUM_LOCAL, (rank + 1) * NUM_LOCAL)
+    for step in range(2):
+        images, texts = global_batch(step, encoder.tokenizer)
+        sent.clear()
+        engine.train_step(images[rows], texts[rows], ClipLoss(rank, world_size), 1e-3)
+        steps.append({"sent": list(sent), "num_rows_used": len(texts[rows].unique())})
+    parameters = {name: p.numel() for name, p in engine.module.named_parameters()}
+    Path(f"{out}.{rank}").write_text(json.dumps({"steps": steps, "parameters": parameters}))
+
+
+@pytest.mark.slow
+def test_only_the_embedding_rows_used_travel_at_zero_0(tmp_path):
+    """The point of sparse embedding gradients: each step, DeepSpeed sends the token-embedding rows the
+    batch used (rows x width), not the whole table (vocab x width, 97% of this model), and every other
+    gradient densely once. A gradient densified before the reduction, or an embedding left dense,
+    sends the table."""
+    out = str(tmp_path / "traffic")
+    run_ranks(_sparse_gradient_traffic, WORLD, out)
+    ranks = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(WORLD)]
+    parameters = ranks[0]["parameters"]
+    vocab_size, width = build_model(make_cfg(0).model).model.token_embedding.weight.shape
+    assert parameters["token_embedding.weight"] == vocab_size * width
+    num_dense = sum(parameters.values()) - vocab_size * width
+    for step in range(2):
+        # DeepSpeed pads every rank's rows to the most any rank used, so each sends that many.
+        num_rows = max(r["steps"][step]["num_rows_used"] for r in ranks)
+        assert num_rows < vocab_size // 100
+        for rank, r in enumerate(ranks):
+            sent = r["steps"][step]["sent"]
+            where = f"step {step} rank {rank}: {sent}"
+            # The embedding's values: its rows used, each `width` floats ...
+            assert ["all_gather", [num_rows, width], "torch.float32"] in sent, where
+            # ... and every other parameter's gradient in the dense all-reduce, the table not among them.
+            reduced = sum(math.prod(shape) for name, shape, _ in sent if name == "all_reduce")
+            assert reduced == num_dense, where
+            # Nothing else of any size travelled: the rows' indices and their counts, no more.
+            total = sum(math.prod(shape) for _, shape, _ in sent)
+            assert num_dense + num_rows * width < total <= num_dense + num_rows * (width + 1) + 2, where
 
 
 def _attention_kernels(rank: int, world_size: int, out: str) -> None:

@@ -1,5 +1,6 @@
 """The distributed InfoNCE losses equal the single-process loss over the whole global batch, in value and
-gradient: ClipLoss (the plain reference) and TiledClipLoss (blocks, O(B·tile) memory), at 2 and 3 ranks."""
+gradient: ClipLoss (the plain reference) and TiledClipLoss (blocks, O(B·tile) memory), at 2 and 3 ranks;
+and, rank by rank, they equal open_clip's own distributed ClipLoss (local loss, gather with grad)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss as OpenClipLoss
 
 from clip_pipe.config import LossConfig
-from clip_pipe.losses import MAX_LOGIT_SCALE, ClipLoss, SigLipLoss, TiledClipLoss, build_loss
+from clip_pipe.losses import (
+    MAX_LOGIT_SCALE,
+    ClipLoss,
+    SigLipLoss,
+    TiledClipLoss,
+    WithImageSsl,
+    build_loss,
+)
 from tests.conftest import run_ranks
 
 NUM_LOCAL, DIM = 6, 16
@@ -132,19 +140,37 @@ def test_build_loss_picks_the_configured_class():
     assert type(build_loss(LossConfig())) is TiledClipLoss
     loss_fn = build_loss(LossConfig(kind="siglip", tile_size=7), rank=1, world_size=3)
     assert type(loss_fn) is SigLipLoss and (loss_fn.rank, loss_fn.world_size, loss_fn.tile_size) == (1, 3, 7)
+    loss_fn = build_loss(LossConfig(kind="siglip", image_ssl_weight=0.25), rank=1, world_size=3)
+    assert type(loss_fn) is WithImageSsl and loss_fn.weight == 0.25
+    assert type(loss_fn.image_text_loss) is SigLipLoss and loss_fn.image_ssl_loss.world_size == 3
     with pytest.raises(ValueError, match=r"loss\.kind"):
         LossConfig(kind="softmax")
     with pytest.raises(ValueError, match=r"loss\.tile_size"):
         LossConfig(tile_size=0)
 
 
-LOSSES = {"clip": lambda r, w: ClipLoss(r, w), "tiled": lambda r, w: TiledClipLoss(r, w, tile_size=TILE)}
+def open_clip_loss(rank: int, world_size: int):
+    """open_clip's ClipLoss as open_clip_train runs it with --local-loss --gather-with-grad; its gather is
+    torch.distributed.nn.all_gather, a different collective from ours, so the two check each other."""
+    theirs = OpenClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+    return lambda image, text, scale: theirs(image, text, scale.squeeze(0))  # its logit_scale is 0-dim
+
+
+LOSSES = {
+    "clip": lambda r, w: ClipLoss(r, w),
+    "tiled": lambda r, w: TiledClipLoss(r, w, tile_size=TILE),
+    "open_clip": open_clip_loss,
+}
 
 
 def distributed_results(rank: int, world_size: int, make_loss, image, text, scale, bias=None) -> dict:
     """Run the loss on this rank's rows; return what the single-process reference must reproduce."""
     rows = slice(rank * NUM_LOCAL, (rank + 1) * NUM_LOCAL)
     result = loss_and_grads(make_loss(rank, world_size), image[rows], text[rows], scale, bias)
+    # This rank's own share, before averaging: what another implementation must give on the same rows.
+    result.update(
+        {f"rank_{key}": result[key] for key in ("loss", "scale_grad", "bias_grad") if key in result}
+    )
     # The reference is the mean of the ranks' losses, which DeepSpeed's gradient averaging realises:
     # average the loss and the shared parameters' gradients (scale, bias) over ranks, as it does.
     for key in ("loss", "scale_grad", "bias_grad"):
@@ -221,6 +247,20 @@ def test_distributed_losses_equal_single_process_loss_and_gradients(tmp_path, wo
             assert_matches_float64(
                 results[f"tiled_at_100_{precision}"], references_at_100[precision], dtype, rows, world_size
             )
+
+        # Rank by rank, open_clip's own distributed loss on the same rows: the same local loss and the
+        # same feature gradients (each rank's features get every rank's loss's gradient through either
+        # gather). ClipLoss splits the scale's gradient as open_clip does; TiledClipLoss splits it by
+        # the blocks each rank computed, so only their mean over ranks (checked above) must agree.
+        theirs = results["open_clip"]
+        for name in ("clip", "tiled"):
+            got = results[name]
+            torch.testing.assert_close(got["rank_loss"], theirs["rank_loss"], rtol=1e-12, atol=0, msg=name)
+            for key in ("image_grad", "text_grad"):
+                torch.testing.assert_close(got[key], theirs[key], rtol=1e-10, atol=1e-15, msg=f"{name} {key}")
+        torch.testing.assert_close(
+            results["clip"]["rank_scale_grad"], theirs["rank_scale_grad"], rtol=1e-10, atol=0
+        )
 
     # Negatives really crossed ranks: a loss over local rows only would differ.
     local_only = [

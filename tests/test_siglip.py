@@ -1,6 +1,7 @@
 """SigLIP's sigmoid loss: equal to the single-process loss over the global batch (2 and 3 gloo ranks,
-float64, value and gradients including scale and bias); the bias survives export and import; the engine
-trains with it under ZeRO 0-3 and gradient accumulation exactly as one process does."""
+float64, value and gradients including scale and bias), and rank by rank to open_clip's own distributed
+SigLipLoss (each of its four text exchanges, point-to-point included); the bias survives export and
+import; the engine trains with it under ZeRO 0-3 and gradient accumulation exactly as one process does."""
 
 from __future__ import annotations
 
@@ -80,12 +81,24 @@ def test_sigmoid_loss_needs_a_bias_and_clamps_the_scale():
     torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=0)
 
 
+# open_clip's ways of passing the texts round the ranks: neighbour send/recv in both directions (its
+# default) or one, an all-reduce per rank, or an all-gather (torch.distributed.nn, with gradients).
+OPEN_CLIP_EXCHANGES = ("bidir", "shift", "reduce", "gather")
+
+
 def _distributed_sigmoid(rank: int, world_size: int, out_path: str) -> None:
     dist.init_process_group("gloo")
     image, text, scale = global_batch(world_size)
-    results = distributed_results(
-        rank, world_size, lambda r, w: SigLipLoss(r, w, tile_size=TILE), image, text, scale, BIAS
-    )
+    results = {
+        "ours": distributed_results(
+            rank, world_size, lambda r, w: SigLipLoss(r, w, tile_size=TILE), image, text, scale, BIAS
+        )
+    }
+    for exchange in OPEN_CLIP_EXCHANGES:
+        results[exchange] = distributed_results(
+            rank, world_size, lambda r, w, e=exchange: OpenClipSigLipLoss(rank=r, world_size=w, dist_impl=e),
+            image, text, scale, BIAS,
+        )  # fmt: skip
     torch.save(results, f"{out_path}.{rank}")
     dist.destroy_process_group()
 
@@ -97,7 +110,8 @@ def test_distributed_sigmoid_loss_equals_single_process(tmp_path, world_size):
     image, text, scale = global_batch(world_size)
     reference = loss_and_grads(naive_sigmoid_loss, image, text, scale, BIAS)
     for rank in range(world_size):
-        got = torch.load(f"{out}.{rank}", weights_only=True)
+        results = torch.load(f"{out}.{rank}", weights_only=True)
+        got = results["ours"]
         rows = slice(rank * NUM_LOCAL, (rank + 1) * NUM_LOCAL)
         torch.testing.assert_close(got["loss"], reference["loss"], rtol=1e-6, atol=0)
         for key in ("image_grad", "text_grad"):  # world_size × the mean loss's, as in test_loss.py
@@ -106,6 +120,14 @@ def test_distributed_sigmoid_loss_equals_single_process(tmp_path, world_size):
             )
         for key in ("scale_grad", "bias_grad"):
             torch.testing.assert_close(got[key], reference[key], rtol=1e-6, atol=0, msg=key)
+        # Rank by rank, open_clip on the same rows: the same loss (this rank's images against every
+        # text), the same gradients for this rank's features, scale and bias, with every exchange.
+        for exchange in OPEN_CLIP_EXCHANGES:
+            theirs = results[exchange]
+            for key in ("rank_loss", "image_grad", "text_grad", "rank_scale_grad", "rank_bias_grad"):
+                torch.testing.assert_close(
+                    got[key], theirs[key], rtol=1e-10, atol=1e-15, msg=f"{exchange} {key}"
+                )
     local_only = [
         naive_sigmoid_loss(
             image[r * NUM_LOCAL : (r + 1) * NUM_LOCAL], text[r * NUM_LOCAL : (r + 1) * NUM_LOCAL], scale, BIAS

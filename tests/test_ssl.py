@@ -1,5 +1,6 @@
-"""The image–image term: NT-Xent against its definition and across real gloo ranks; the views the loader
-makes; the projection head's place in the model and its absence from the open_clip export."""
+"""The image–image term: NT-Xent against its definition and across real gloo ranks; the production
+objectives with it (tiled InfoNCE or SigLIP, plus the term) across ranks against a float64 reference; the
+views the loader makes; the projection head's place in the model and its absence from the open_clip export."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from clip_pipe.config import ImageSslConfig, ModelConfig, load_config
+from clip_pipe.config import ImageSslConfig, LossConfig, ModelConfig, load_config
 from clip_pipe.data import ImageTextStream, LoaderPosition, list_shards
 from clip_pipe.data.augment import TrainAugment
 from clip_pipe.data.views import TwoViews
-from clip_pipe.losses import ClipLoss
+from clip_pipe.losses import ClipLoss, build_loss
 from clip_pipe.losses.ssl import NtXentLoss, WithImageSsl
 from clip_pipe.model import add_image_ssl_head, build_model, export_state_dict, save_export
 from tests.conftest import run_ranks
@@ -82,6 +83,101 @@ def test_ranks_equal_single_process_loss_and_gradients(tmp_path, world_size):
         naive_nt_xent(views[r * NUM_LOCAL : (r + 1) * NUM_LOCAL], 0.2) for r in range(world_size)
     )
     assert abs(local_only.item() / world_size - reference.item()) > 1e-2
+
+
+# --- The production objectives: what build_loss gives the trainer with loss.image_ssl_weight > 0 ---
+
+OBJECTIVE_WEIGHT, OBJECTIVE_TEMPERATURE = 0.7, 0.2
+
+
+def objective_inputs(world_size: int) -> dict[str, torch.Tensor]:
+    """A float64 global batch: features and scale as in test_loss.py, the views' head outputs, a bias."""
+    from tests.test_loss import global_batch
+    from tests.test_siglip import BIAS
+
+    image, text, scale = global_batch(world_size, seed=3)
+    g = torch.Generator().manual_seed(4)
+    views = torch.randn(len(image), 1, DIM, generator=g, dtype=torch.float64)
+    views = torch.cat([views, views + 0.5 * torch.randn(views.shape, generator=g, dtype=torch.float64)], 1)
+    return {"image_features": image, "text_features": text, "logit_scale": scale, "view_features": views,
+            "logit_bias": BIAS}  # fmt: skip
+
+
+def reference_objective(kind: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Written out over the whole global batch in one process: the image–text loss's definition plus the
+    weight times SimCLR's NT-Xent's."""
+    from tests.test_loss import naive_clip_loss
+    from tests.test_siglip import naive_sigmoid_loss
+
+    image, text, scale = inputs["image_features"], inputs["text_features"], inputs["logit_scale"]
+    if kind == "siglip":
+        image_text = naive_sigmoid_loss(image, text, scale, inputs["logit_bias"])
+    else:
+        image_text = naive_clip_loss(image, text, scale)
+    return image_text + OBJECTIVE_WEIGHT * naive_nt_xent(inputs["view_features"], OBJECTIVE_TEMPERATURE)
+
+
+def objective_names(kind: str) -> list[str]:
+    names = ["image_features", "text_features", "logit_scale", "view_features"]
+    return [*names, "logit_bias"] if kind == "siglip" else names  # an InfoNCE model has no bias
+
+
+def _distributed_objectives(rank: int, world_size: int, out_path: str) -> None:
+    from tests.test_loss import NUM_LOCAL as NUM_LOCAL_PAIRS
+    from tests.test_loss import TILE
+
+    dist.init_process_group("gloo")
+    results = {}
+    for kind in ("infonce", "siglip"):
+        ssl = ImageSslConfig(temperature=OBJECTIVE_TEMPERATURE)
+        cfg = LossConfig(kind=kind, tile_size=TILE, image_ssl_weight=OBJECTIVE_WEIGHT, image_ssl=ssl)
+        rows = slice(rank * NUM_LOCAL_PAIRS, (rank + 1) * NUM_LOCAL_PAIRS)
+        inputs = {}
+        for name, value in objective_inputs(world_size).items():
+            if name in objective_names(kind):
+                local = value[rows] if name.endswith("_features") else value
+                inputs[name] = local.clone().requires_grad_(True)
+        loss = build_loss(cfg, rank, world_size)(**inputs)  # called by name, as Engine.train_step does
+        grads = torch.autograd.grad(loss, list(inputs.values()))
+        results[kind] = {"loss": loss.detach(), **{name: g for name, g in zip(inputs, grads, strict=True)}}
+    torch.save(results, f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_production_objectives_with_the_image_term_equal_a_float64_reference(tmp_path):
+    """Tiled InfoNCE + NT-Xent and SigLIP + NT-Xent, as build_loss composes them, at 2 gloo ranks: the mean
+    of the ranks' losses, and every gradient (features, views, scale, bias), against one process."""
+    from tests.test_loss import NUM_LOCAL as NUM_LOCAL_PAIRS
+
+    world_size, out = 2, str(tmp_path / "objectives")
+    run_ranks(_distributed_objectives, world_size, out)
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(world_size)]
+    for kind in ("infonce", "siglip"):
+        inputs = {
+            name: value.clone().requires_grad_(True)
+            for name, value in objective_inputs(world_size).items()
+            if name in objective_names(kind)
+        }
+        reference = reference_objective(kind, inputs)
+        grads = dict(zip(inputs, torch.autograd.grad(reference, list(inputs.values())), strict=True))
+        # The term really weighs: the objective without it is far off.
+        assert OBJECTIVE_WEIGHT * naive_nt_xent(inputs["view_features"], OBJECTIVE_TEMPERATURE) > 0.1
+        mean_loss = sum(r[kind]["loss"] for r in ranks) / world_size
+        torch.testing.assert_close(mean_loss, reference.detach(), rtol=1e-10, atol=0, msg=kind)
+        for rank, results in enumerate(ranks):
+            rows = slice(rank * NUM_LOCAL_PAIRS, (rank + 1) * NUM_LOCAL_PAIRS)
+            for name in ("image_features", "text_features", "view_features"):
+                # Each rank's rows get the gradient of the sum of all ranks' losses; the reference is their mean.
+                torch.testing.assert_close(
+                    results[kind][name] / world_size, grads[name][rows], rtol=1e-10, atol=1e-14,
+                    msg=f"{kind} {name} rank {rank}",
+                )  # fmt: skip
+        for name in ("logit_scale", "logit_bias"):  # shared: DeepSpeed averages their gradients over ranks
+            if name in grads:
+                mean_grad = sum(r[kind][name] for r in ranks) / world_size
+                torch.testing.assert_close(
+                    mean_grad, grads[name], rtol=1e-10, atol=1e-14, msg=f"{kind} {name}"
+                )
 
 
 def test_with_image_ssl_adds_the_weighted_term_to_the_image_text_loss():
