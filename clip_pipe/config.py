@@ -71,21 +71,23 @@ class ModelConfig:
     """With `lock_image`, leave the top N layer groups of the image tower trainable (for a ViT: the projection,
     the last block with the final norm, then one block per group)."""
     lock_text: bool = False
-    """Freeze the text tower (token embedding, transformer, final norm, projection), as `lock_image` does."""
-    lock_text_unlocked_layers: int = 0
-    """With `lock_text`, leave the top N transformer blocks of the text tower trainable."""
+    """Freeze the text tower as `lock_image` does the image tower: token embedding, transformer, final norm and
+    projection (a Hugging Face tower: its transformer; its projection head stays trainable)."""
+    lock_text_unlocked_groups: int = 0
+    """With `lock_text`, leave the top N groups trainable: the projection, the last block with the final norm,
+    then one block per group (a Hugging Face tower: its top N layers)."""
 
     def __post_init__(self):
         _check(0 <= self.patch_dropout < 1, "model.patch_dropout must be in [0, 1)")
         _check(self.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups must be >= 0")
-        _check(self.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers must be >= 0")
+        _check(self.lock_text_unlocked_groups >= 0, "model.lock_text_unlocked_groups must be >= 0")
         _check(
             self.lock_image or not self.lock_image_unlocked_groups,
             "model.lock_image_unlocked_groups needs model.lock_image: true",
         )
         _check(
-            self.lock_text or not self.lock_text_unlocked_layers,
-            "model.lock_text_unlocked_layers needs model.lock_text: true",
+            self.lock_text or not self.lock_text_unlocked_groups,
+            "model.lock_text_unlocked_groups needs model.lock_text: true",
         )
         # A wholly locked tower runs in eval mode, where patch dropout is off: the setting would do nothing.
         _check(

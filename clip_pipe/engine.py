@@ -190,7 +190,7 @@ class Engine:
         self.sparse_params = []
         if reduces_sparse_gradients(self.config):
             for module in model.modules():
-                if isinstance(module, nn.Embedding):
+                if isinstance(module, nn.Embedding) and module.weight.requires_grad:  # not a locked tower's
                     module.sparse = True
                     self.sparse_params.append(module.weight)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(

@@ -99,7 +99,7 @@ def build_model(cfg: ModelConfig, loss: LossConfig | None = None) -> DualEncoder
     if cfg.lock_image:
         lock_image_tower(model, cfg.lock_image_unlocked_groups)
     if cfg.lock_text:
-        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_groups)
     keep_frozen_in_eval(model)
     return encoder
 
