@@ -12,7 +12,7 @@ the same load on a shared machine. Then:
 - equal time: each masked ratio runs again, from scratch, for as many steps as fit in the wall time the
   unmasked run took (steps x the median over seeds of t(0) / t(ratio), the training seconds each run logs).
 
-    python -m bench.patch_dropout_demo [--steps 300 --tune-steps 30 --seeds 0 1 2] [--out runs/bench_pd]
+    python -m bench.patch_dropout_demo [--steps 300 --tune-steps 30 --seeds 0 1 2 --equal-time-seeds 0] [--out runs/bench_pd]
 
 Results go to OUT/results.jsonl as they come (a rerun skips the runs already there); the table is printed last.
 """
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--tune-steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--equal-time-seeds", type=int, nargs="*", help="default: --seeds")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_patch_dropout")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +108,7 @@ def main() -> None:
         ratio: statistics.median(base[s, 0.0]["train_s"] / base[s, ratio]["train_s"] for s in args.seeds)
         for ratio in RATIOS[1:]
     }
-    for seed in args.seeds:
+    for seed in args.seeds if args.equal_time_seeds is None else args.equal_time_seeds:
         for ratio in RATIOS[1:]:
             steps = round(args.steps * speedup[ratio])
             run(

@@ -268,6 +268,12 @@ class Engine:
             torch.manual_seed(int(seed.generate_state(1)[0]))
             yield
 
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        # Under the forward's attention kernel: activation checkpointing recomputes the blocks here, and the
+        # recomputation must run the kernel the forward ran (torch checks that it saves the same tensors).
+        with self._attention_kernel():
+            self.ds.backward(loss, **kwargs)
+
     def _attention_kernel(self):
         # On CPUs, torch's fused (flash) attention backward in bf16 is 4x slower than the whole rest of
         # the demo model's backward; the plain matmul-softmax-matmul path is not (docs/benchmarks.md).
@@ -300,7 +306,7 @@ class Engine:
         if self.accum_steps == 1:
             with self._training_rng(0):
                 loss = loss_fn(**self.forward(images, texts, views))
-            self.ds.backward(loss)
+            self.backward(loss)
             self.ds.step()
             return loss.detach(), self.ds.get_global_grad_norm()
 
@@ -335,7 +341,7 @@ class Engine:
             # Each micro-step's loss is the whole batch's loss, so the gradients add up, unscaled:
             # DeepSpeed's default divides by accum_steps, as if each micro-batch had a loss of its own.
             self.ds.set_gradient_accumulation_boundary(j == self.accum_steps - 1)
-            self.ds.backward(loss, scale_wrt_gas=False)
+            self.backward(loss, scale_wrt_gas=False)
             self.ds.step()
         return loss.detach(), self.ds.get_global_grad_norm()
 
