@@ -188,7 +188,9 @@ class Engine:
         # reduction, for clipping and AdamW, so the step is the same (weight decay and moments still
         # reach every row). 1.16x the throughput benchmark's samples/s at fp32 (docs/benchmarks.md).
         self.sparse_params = []
-        if reduces_sparse_gradients(self.config):
+        # Inductor cannot build a sparse gradient (it fails on the sparse tensor's storage): compiled models
+        # keep dense ones.
+        if reduces_sparse_gradients(self.config) and not cfg.run.compile:
             for module in model.modules():
                 if isinstance(module, nn.Embedding) and module.weight.requires_grad:  # not a locked tower's
                     module.sparse = True
