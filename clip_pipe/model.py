@@ -42,6 +42,7 @@ WEIGHT_FILES = (
     "model.safetensors", "model.pt",
 )  # fmt: skip
 LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"
+TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
 
 @dataclass
@@ -297,12 +298,8 @@ def _from_hub(what: str, repo_id: str, filename: str | None) -> Path:
     from huggingface_hub.errors import EntryNotFoundError, OfflineModeIsEnabled
 
     candidates = [filename] if filename else list(WEIGHT_FILES[:3])
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in (
-        "1",
-        "ON",
-        "YES",
-        "TRUE",
-    )
+    # As huggingface_hub reads the variable, but at call time: it may be set after the import.
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in TRUE_VALUES
     # The cache first, for every candidate: online, a missing first choice must not cost a network round
     # trip when a later one is cached. Offline, nothing else is tried.
     for local_only in (True,) if offline else (True, False):

@@ -190,12 +190,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
         lr = lr_at(step, cfg.optim, cfg.run.steps)
         if cfg.model.patch_dropout:  # a pure function of the step, so a resumed run switches where it should
             if not masked_at(step, cfg) and (step == start_step or masked_at(step - 1, cfg)):
-                log.info(
-                    "step %d: unmasked tune for the last %d steps, lr from %.2e",
-                    step,
-                    cfg.optim.tune_steps,
-                    lr,
-                )
+                tune = cfg.optim.tune_steps
+                log.info("step %d: unmasked tune for the last %d steps, lr from %.2e", step, tune, lr)
             set_patch_dropout(engine.module, cfg.model.patch_dropout if masked_at(step, cfg) else 0.0)
         loss, grad_norm = engine.train_step(batch["images"], batch["texts"], loss_fn, lr, batch.get("views"))
         num_skipped += batch["num_skipped"]
