@@ -86,7 +86,49 @@ class ModelConfig:
     context_length: int | None = None
     """Override the tokenizer's context length."""
     pretrained: str | None = None
-    """Start from an open_clip state dict file (or an open_clip pretrained tag)."""
+    """Start the whole model from these weights: a state dict file (`.safetensors`, `.pt`, `.bin`), a folder
+    `local-dir:PATH` (an open_clip hub folder, or our export), `hf-hub:ORG/REPO`, or a pretrained tag of
+    `name` (`laion2b_s34b_b79k`, ...). Hub weights come from the local Hugging Face cache; with HF_HUB_OFFLINE
+    set and the weights missing, the run stops with one line saying so."""
+    pretrained_image: str | None = None
+    """Start the image tower alone from the `visual.*` weights of such a checkpoint (any of the forms above);
+    the text tower stays as built (random, or `hf_text_model` with `hf_pretrained`). LiT's usual start."""
+    patch_dropout: float = 0.0
+    """Fraction of image patches dropped at random in each training forward pass (FLIP); evaluation always
+    sees every patch. ViT image towers only. See `optim.tune_steps` for the unmasked tune at the end."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing of both towers' transformer blocks: each block's activations are recomputed in
+    the backward pass instead of kept, for a much larger batch per device at the cost of one more forward."""
+    lock_image: bool = False
+    """Freeze the image tower (LiT): no gradients, no optimizer state, and its frozen parts run in eval mode."""
+    lock_image_unlocked_groups: int = 0
+    """With `lock_image`, leave the top N layer groups of the image tower trainable (for a ViT: the projection,
+    the last block with the final norm, then one block per group)."""
+    lock_text: bool = False
+    """Freeze the text tower as `lock_image` does the image tower: token embedding, transformer, final norm and
+    projection (a Hugging Face tower: its transformer; its projection head stays trainable)."""
+    lock_text_unlocked_groups: int = 0
+    """With `lock_text`, leave the top N groups trainable: the projection, the last block with the final norm,
+    then one block per group (a Hugging Face tower: its top N layers)."""
+
+    def __post_init__(self):
+        _check(0 <= self.patch_dropout < 1, "model.patch_dropout must be in [0, 1)")
+        _check(self.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups must be >= 0")
+        _check(self.lock_text_unlocked_groups >= 0, "model.lock_text_unlocked_groups must be >= 0")
+        _check(
+            self.lock_image or not self.lock_image_unlocked_groups,
+            "model.lock_image_unlocked_groups needs model.lock_image: true",
+        )
+        _check(
+            self.lock_text or not self.lock_text_unlocked_groups,
+            "model.lock_text_unlocked_groups needs model.lock_text: true",
+        )
+        # A wholly locked tower runs in eval mode, where patch dropout is off: the setting would do nothing.
+        _check(
+            not (self.patch_dropout and self.lock_image and not self.lock_image_unlocked_groups),
+            "model.patch_dropout does nothing on a wholly locked image tower (it runs in eval mode); "
+            "set model.lock_image_unlocked_groups >= 1 or model.patch_dropout=0",
+        )
 
 
 @dataclass
@@ -105,6 +147,12 @@ class OptimConfig:
     eps: float = 1e-6
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables. Always explicit: DeepSpeed defaults to 1.0."""
+    tune_steps: int = 0
+    """FLIP's unmasked tune: the last N of `run.steps` train with `model.patch_dropout` off, their learning
+    rate restarted at `tune_lr` and decayed (cosine or flat, as `schedule`) to min_lr. The main schedule
+    ends where the tune begins. Needs model.patch_dropout > 0."""
+    tune_lr: float | None = None
+    """Peak learning rate of the unmasked tune; default `lr` / 100 (FLIP tuned at about a hundredth)."""
     accum_steps: int = 1
     """Split each rank's batch into this many micro-batches when it does not fit in memory at once. The
     gradient stays that of the whole global batch, negatives included (features are cached across
@@ -118,6 +166,8 @@ class OptimConfig:
         _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
         _check(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
         _check(self.accum_steps >= 1, "optim.accum_steps must be >= 1")
+        _check(self.tune_steps >= 0, "optim.tune_steps must be >= 0")
+        _check(self.tune_lr is None or self.tune_lr > 0, "optim.tune_lr must be > 0")
 
 
 @dataclass
@@ -223,6 +273,9 @@ class RunConfig:
     """A DeepSpeed JSON merged over the one generated from this config, for deliberate overrides."""
     report_to: list[Literal["tensorboard"]] = field(default_factory=list)
     """Also log the training curves and eval metrics there (rank 0): `tensorboard` writes RUN/tb/."""
+    compile: bool = False
+    """torch.compile the model (inductor; on a CPU it needs a C++ compiler). The first steps pay for the
+    compilation; see docs/benchmarks.md for when it pays back."""
     collective_timeout_s: int = 1800
     """How long a collective waits for the other ranks: when a rank dies, the others fail (non-zero exit,
     resumable with `--resume latest`) after this long instead of hanging."""
@@ -258,6 +311,16 @@ class TrainConfig:
             f"data.batch_size ({self.data.batch_size}) must be a multiple of optim.accum_steps "
             f"({self.optim.accum_steps}): each micro-batch has batch_size / accum_steps samples",
         )
+        if self.optim.tune_steps:
+            _check(
+                self.model.patch_dropout > 0,
+                "optim.tune_steps is the unmasked tune after training with patch dropout: "
+                "set model.patch_dropout > 0 too, or optim.tune_steps=0",
+            )
+            _check(
+                self.optim.tune_steps < self.run.steps,
+                f"optim.tune_steps ({self.optim.tune_steps}) must be less than run.steps ({self.run.steps})",
+            )
 
 
 def _check(ok: bool, message: str) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+import numpy as np
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.utils import clip_grad_norm_
@@ -190,21 +191,35 @@ class Engine:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, world_size: int):
         self.config = deepspeed_config(cfg, world_size)
+        # Counted before ZeRO-3 partitions them. Frozen parameters (locked towers) are left out of the
+        # optimizer's groups, so DeepSpeed gives them no gradient buffers, no reduction and no optimizer state.
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info(
+            "parameters: %s, trainable %s; the %s frozen get no gradients and no optimizer state",
+            f"{self.num_params:,}", f"{self.num_trainable:,}", f"{self.num_params - self.num_trainable:,}",
+        )  # fmt: skip
+        self.seed = cfg.run.seed
         # The token embedding is most of a small CLIP's parameters (3.2M of the demo's 3.4M), but a
         # batch uses a few hundred of its 49,408 rows. A dense gradient zero-fills, all-reduces and copies
         # the whole table every step; a sparse one sends the rows used, and is made dense again after the
         # reduction, for clipping and AdamW, so the step is the same (weight decay and moments still
         # reach every row). 1.16x the throughput benchmark's samples/s at fp32 (docs/benchmarks.md).
         self.sparse_params = []
-        if reduces_sparse_gradients(self.config):
+        # Inductor cannot build a sparse gradient (it fails on the sparse tensor's storage): compiled models
+        # keep dense ones.
+        if reduces_sparse_gradients(self.config) and not cfg.run.compile:
             for module in model.modules():
-                if isinstance(module, nn.Embedding):
+                if isinstance(module, nn.Embedding) and module.weight.requires_grad:  # not a locked tower's
                     module.sparse = True
                     self.sparse_params.append(module.weight)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.config
         )
         self.ds.checkpoint_engine = WeightsOnlyCheckpointEngine(self.ds._config)
+        if cfg.run.compile:
+            # nn.Module.compile in place: the parameters and state dict keys stay as they are.
+            self.ds.compile()
         if not self.ds.zero_optimization() and cfg.run.precision == "fp32":
             self.ds.clip_fp32_gradients = self._clip_fp32_gradients
         if self.sparse_params:
@@ -264,6 +279,27 @@ class Engine:
             outputs["view_features"] = view_features.unflatten(0, (num_images, -1))  # (B, 2, D)
         return outputs
 
+    @contextmanager
+    def _training_rng(self, micro_batch: int):
+        """Inside, torch's generators are seeded by (run.seed, step, rank, micro-batch) alone, and put back after.
+
+        Training-time randomness (patch dropout's masks, dropout in Hugging Face towers) is then a pure
+        function of where the step is: a resumed run draws the masks the uninterrupted one did, each rank
+        its own, and the gradient pass of a micro-batch draws those of its feature-caching pass, as the
+        exact accumulated gradient needs. `global_steps` is DeepSpeed's step count, saved in checkpoints.
+        """
+        seed = np.random.SeedSequence([self.seed, self.ds.global_steps, self.ds.global_rank, micro_batch])
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed.generate_state(1)[0]))
+            yield
+
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        # Under the forward's attention kernel: activation checkpointing recomputes the blocks here, and the
+        # recomputation must run the kernel the forward ran (torch checks that it saves the same tensors).
+        with self._attention_kernel():
+            self.ds.backward(loss, **kwargs)
+
     def _attention_kernel(self):
         # On CPUs, torch's fused (flash) attention backward in bf16 is 4x slower than the whole rest of
         # the demo model's backward; the plain matmul-softmax-matmul path is not (docs/benchmarks.md).
@@ -294,8 +330,9 @@ class Engine:
             group["lr"] = lr
         self.ds.train()
         if self.accum_steps == 1:
-            loss = loss_fn(**self.forward(images, texts, views))
-            self.ds.backward(loss)
+            with self._training_rng(0):
+                loss = loss_fn(**self.forward(images, texts, views))
+            self.backward(loss)
             self.ds.step()
             return loss.detach(), self.ds.get_global_grad_norm()
 
@@ -305,10 +342,13 @@ class Engine:
                 (*m, v) for m, v in zip(micro_batches, views.chunk(self.accum_steps), strict=True)
             ]
         assert len(micro_batches) == self.accum_steps, "batch_size is a multiple of accum_steps"
-        with torch.no_grad():
-            cached = [self.forward(*m) for m in micro_batches]
+        cached = []
+        for j, micro_batch in enumerate(micro_batches):
+            with torch.no_grad(), self._training_rng(j):
+                cached.append(self.forward(*micro_batch))
         for j in range(self.accum_steps):
-            outputs = self.forward(*micro_batches[j])
+            with self._training_rng(j):  # the masks its cached features were computed with
+                outputs = self.forward(*micro_batches[j])
             # Every feature (B, ...) of the whole batch, with micro-batch j's carrying its gradient.
             inputs = {
                 name: torch.cat([outputs[name] if k == j else c[name] for k, c in enumerate(cached)])
@@ -327,7 +367,7 @@ class Engine:
             # Each micro-step's loss is the whole batch's loss, so the gradients add up, unscaled:
             # DeepSpeed's default divides by accum_steps, as if each micro-batch had a loss of its own.
             self.ds.set_gradient_accumulation_boundary(j == self.accum_steps - 1)
-            self.ds.backward(loss, scale_wrt_gas=False)
+            self.backward(loss, scale_wrt_gas=False)
             self.ds.step()
         return loss.detach(), self.ds.get_global_grad_norm()
 

@@ -39,7 +39,7 @@ from clip_pipe.eval.figures import figure_data
 from clip_pipe.eval.report import write_report
 from clip_pipe.losses import MAX_LOGIT_SCALE, build_loss
 from clip_pipe.metrics import MetricsLog, plot_metrics, setup_logging
-from clip_pipe.model import DualEncoder, add_image_ssl_head, build_model, save_export
+from clip_pipe.model import DualEncoder, add_image_ssl_head, build_model, save_export, set_patch_dropout
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,29 @@ def stop_on_signals(signals=PREEMPTION_SIGNALS) -> Iterator[_StopRequest]:
 
 
 def lr_at(step: int, optim: OptimConfig, num_steps: int) -> float:
-    """Learning rate for the update made at `step` (0-based): linear warmup, then cosine or flat."""
+    """Learning rate for the update made at `step` (0-based): linear warmup, then cosine or flat; in the
+    last `optim.tune_steps` (the unmasked tune), a second decay from `optim.tune_lr`."""
+    num_main_steps = num_steps - optim.tune_steps
+    if optim.tune_steps and step >= num_main_steps:
+        peak = optim.lr / 100 if optim.tune_lr is None else optim.tune_lr
+        return _decay(step - num_main_steps, optim.tune_steps, peak, min(optim.min_lr, peak), optim.schedule)
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
-    if optim.schedule == "constant":
-        return optim.lr
-    progress = (step - optim.warmup_steps) / max(1, num_steps - optim.warmup_steps)
-    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * progress))
+    return _decay(
+        step - optim.warmup_steps, num_main_steps - optim.warmup_steps, optim.lr, optim.min_lr, optim.schedule
+    )
+
+
+def _decay(step: int, num_steps: int, peak: float, floor: float, schedule: str) -> float:
+    if schedule == "constant":
+        return peak
+    progress = step / max(1, num_steps)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def masked_at(step: int, cfg: TrainConfig) -> bool:
+    """Whether the update at `step` trains with patch dropout: all but the last `optim.tune_steps`."""
+    return cfg.model.patch_dropout > 0 and step < cfg.run.steps - cfg.optim.tune_steps
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> dict:
@@ -169,6 +185,11 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
         data_position.advance(batch)
         data_wait += time.perf_counter() - t0
         lr = lr_at(step, cfg.optim, cfg.run.steps)
+        if cfg.model.patch_dropout:  # a pure function of the step, so a resumed run switches where it should
+            if not masked_at(step, cfg) and (step == start_step or masked_at(step - 1, cfg)):
+                tune = cfg.optim.tune_steps
+                log.info("step %d: unmasked tune for the last %d steps, lr from %.2e", step, tune, lr)
+            set_patch_dropout(engine.module, cfg.model.patch_dropout if masked_at(step, cfg) else 0.0)
         loss, grad_norm = engine.train_step(batch["images"], batch["texts"], loss_fn, lr, batch.get("views"))
         num_skipped += batch["num_skipped"]
         step += 1
