@@ -20,25 +20,63 @@ import yaml
 
 
 @dataclass
-class DataConfig:
+class SourceConfig:
+    """One weighted source of training shards: an entry of `data.sources`."""
+
     train: list[str] = field(default_factory=list)
-    """Training shard sets: folders written by `data_prep/` (each holds `sizes.json`)."""
-    batch_size: int = 64
-    """Samples per rank per optimizer step. The global batch (and the loss's negatives) is this × world
-    size, however many micro-batches `optim.accum_steps` splits it into."""
-    num_workers: int = 1
-    """Loader processes per rank. They share the rank's cores, so more is not always faster."""
-    shuffle_buffer: int = 1000
-    """Samples held in each worker's shuffle buffer."""
-    seed: int = 0
-    """Seeds the shard order and the shuffle buffer."""
+    """Its shard sets, as `data.train` takes them."""
+    weight: float = 1.0
+    """Its share of every global batch is weight / (the sum of the weights), in whole samples (largest
+    remainder: within one sample of the exact share, the same count every step)."""
 
     def __post_init__(self):
         if isinstance(self.train, str):
             self.train = [self.train]
+        _check(bool(self.train), "each entry of data.sources needs train: [shard sets]")
+        _check(self.weight > 0, f"data.sources: weight must be > 0, got {self.weight}")
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    """Training shard sets: folders written by `data_prep/` (each holds `sizes.json`). One source; for a
+    weighted mix of several, use `sources` instead."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mix: [{train: [...], weight: 0.7}, {train: [...], weight: 0.3}]. Each source keeps
+    its own epochs and streams; every global batch holds the same whole number of samples of each."""
+    batch_size: int = 64
+    """Samples per rank per optimizer step. The global batch (and the loss's negatives) is this × world
+    size, however many micro-batches `optim.accum_steps` splits it into."""
+    num_workers: int = 1
+    """Loader processes per rank, each filling its part of every batch (0: a thread of the rank). They
+    share the rank's cores, so more is not always faster."""
+    shuffle_buffer: int = 1000
+    """Samples held for shuffling, over all streams together: each stream shuffles blocks of
+    shuffle_buffer / streams consecutive samples of its range (0: read in shard order)."""
+    num_streams: int = 64
+    """Streams the data is read in, split over the sources by weight. Fixed for a run (a resumed run
+    keeps its checkpoint's), whatever the ranks and workers: each loader slot reads the streams that
+    reach its part of the batch, so a slot count above it makes slots share streams (reading their
+    shards twice or more). Set it to at least the largest ranks × workers the run will use."""
+    resampled: bool = False
+    """Draw each stream's shards with replacement (open_clip's --dataset-resampled) instead of epochs
+    that read every sample exactly once."""
+    seed: int = 0
+    """Seeds the shard order, the shuffle and the augmentation."""
+
+    def __post_init__(self):
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        _check(not (self.train and self.sources), "give data.train (one source) or data.sources, not both")
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+        _check(self.num_streams >= 1, "data.num_streams must be >= 1")
+
+    @property
+    def source_list(self) -> list[SourceConfig]:
+        """`sources`, or `train` as the one source."""
+        return self.sources or [SourceConfig(self.train)]
 
 
 @dataclass
@@ -218,7 +256,15 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
-        _check(bool(self.data.train), "data.train must name at least one shard folder")
+        _check(
+            bool(self.data.train or self.data.sources),
+            "data.train (or data.sources) must name at least one shard folder",
+        )
+        _check(
+            self.data.num_workers <= self.data.batch_size,
+            f"data.num_workers ({self.data.num_workers}) must be at most data.batch_size "
+            f"({self.data.batch_size}): each worker fills its own part of every batch",
+        )
         _check(
             self.data.batch_size % self.optim.accum_steps == 0,
             f"data.batch_size ({self.data.batch_size}) must be a multiple of optim.accum_steps "
@@ -285,6 +331,8 @@ def from_dict(cls, raw: dict, prefix: str = ""):
 
 def _coerce(value, hint, key: str):
     """Return `value` as type `hint`, or raise a ValueError naming `key`."""
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, f"{key}.")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         if value not in args:

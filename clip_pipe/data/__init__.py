@@ -1,7 +1,7 @@
 """The training data path, one stage a file, in the order a sample flows:
 
-sources.py   data.train -> shards with their sample counts
-order.py     which shards each loader slot reads, epoch by epoch; the resumable position
+sources.py   data.train / data.sources -> weighted sources of shards with their sample counts
+order.py     the elastic global order: streams, blocks, the batch layout, each slot's share; positions
 tar.py       the lean tar reader
 decode.py    header sizes, the pixel limit, uint8 decode
 augment.py   the training crop (per sample) and normalisation (per batch); views.py the SSL views
@@ -9,35 +9,45 @@ stream.py    ImageTextStream and batch_loader: stages -> batches -> the trainer
 """
 
 from clip_pipe.data.decode import IMAGE_EXTENSIONS, decode_image, decode_uint8
-from clip_pipe.data.order import LoaderPosition, SlotPosition, assign_shards
-from clip_pipe.data.sources import Shard, list_shards
+from clip_pipe.data.order import (
+    DataOrder,
+    LoaderState,
+    OrderSpec,
+    StreamPosition,
+    StreamPositions,
+    resume_order,
+)
+from clip_pipe.data.sources import Shard, Source, list_shards, list_sources
 from clip_pipe.data.stream import (
     CachedTokenizer,
     ImageTextStream,
     Prefetcher,
     SampleErrors,
+    TarBlocks,
     batch_loader,
-    epoch_samples,
-    slot_samples,
 )
 from clip_pipe.data.tar import TarError, tar_samples
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "CachedTokenizer",
+    "DataOrder",
     "ImageTextStream",
-    "LoaderPosition",
+    "LoaderState",
+    "OrderSpec",
     "Prefetcher",
     "SampleErrors",
     "Shard",
-    "SlotPosition",
+    "Source",
+    "StreamPosition",
+    "StreamPositions",
+    "TarBlocks",
     "TarError",
-    "assign_shards",
     "batch_loader",
     "decode_image",
     "decode_uint8",
-    "epoch_samples",
     "list_shards",
-    "slot_samples",
+    "list_sources",
+    "resume_order",
     "tar_samples",
 ]

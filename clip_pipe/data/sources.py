@@ -33,3 +33,22 @@ def list_shards(folders: list[str]) -> list[Shard]:
     if not shards or sum(s.num_samples for s in shards) == 0:
         raise ValueError(f"no samples in {folders}")
     return shards
+
+
+@dataclass(frozen=True)
+class Source:
+    """A weighted set of shards. `name` (its shard sets, joined with '::') finds its streams' places in
+    a checkpoint."""
+
+    name: str
+    shards: list[Shard]
+    weight: float
+
+
+def list_sources(configs: list) -> list[Source]:
+    """`data.source_list` (entries with `train` and `weight`) -> sources with their shards."""
+    sources = [Source("::".join(c.train), list_shards(c.train), c.weight) for c in configs]
+    names = [s.name for s in sources]
+    if len(set(names)) < len(names):
+        raise ValueError(f"data.sources names the same shard sets twice: {names}")
+    return sources
