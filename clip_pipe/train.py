@@ -32,12 +32,12 @@ from clip_pipe.checkpoints import set_latest
 from clip_pipe.config import OptimConfig, TrainConfig, save_config
 from clip_pipe.data import (
     DataOrder,
-    ImageTextStream,
     OrderSpec,
+    Source,
     StreamPositions,
     batch_loader,
+    build_stream,
     list_sources,
-    resume_order,
 )
 from clip_pipe.data.views import TwoViews
 from clip_pipe.distributed import env_from_os, threads_per_rank
@@ -156,33 +156,30 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
 
     # The data order: a function of the data, the seed and the step, whatever the ranks and workers, so
     # a checkpoint resumes exactly on another number of either (docs/design.md, "The elastic order").
-    specs = [OrderSpec(s.name, [shard.num_samples for shard in s.shards], s.weight) for s in sources]
-    start = resume_order(saved_data, specs, global_batch, cfg.data.num_streams, cfg.data.seed, step)
+    stream, start = build_stream(
+        sources, global_batch, encoder.preprocess_train, encoder.tokenizer, env.rank, env.world_size,
+        num_streams=cfg.data.num_streams, seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        resampled=cfg.data.resampled, saved=saved_data, step=step, views=views,
+    )  # fmt: skip
     for message in start.messages:
         log.warning(message)
-    order = DataOrder.build(
-        specs, global_batch, start.source_streams, start.seed, cfg.data.shuffle_buffer, cfg.data.resampled
-    )
-    num_samples = sum(sum(spec.shard_sizes) for spec in specs)
+    order = stream.order
+    num_samples = sum(s.num_samples for source in sources for s in source.shards)
     log.info(
         "training %s for %d steps: %d ranks × %d = %d samples/step, %d shards (%d samples), %.2f epochs",
         cfg.model.name, cfg.run.steps, env.world_size, cfg.data.batch_size, global_batch,
         sum(len(s.shards) for s in sources), num_samples, cfg.run.steps * global_batch / num_samples,
     )  # fmt: skip
     if len(sources) > 1:
-        for spec, source_batch, num_streams in zip(
-            specs, order.layout.source_batches, start.source_streams, strict=True
+        for source, source_batch, num_streams in zip(
+            sources, order.layout.source_batches, start.source_streams, strict=True
         ):
+            source_samples = sum(s.num_samples for s in source.shards)
             log.info(
                 "source %s: %d samples/step (weight %g), %d samples, %d streams, %.2f epochs",
-                spec.name, source_batch, spec.weight, sum(spec.shard_sizes), num_streams,
-                cfg.run.steps * source_batch / sum(spec.shard_sizes),
+                source.name, source_batch, source.weight, source_samples, num_streams,
+                cfg.run.steps * source_batch / source_samples,
             )  # fmt: skip
-
-    stream = ImageTextStream(
-        order, [s.shards for s in sources], encoder.preprocess_train, encoder.tokenizer, env.rank,
-        env.world_size, start=start.positions, step=step, views=views,
-    )  # fmt: skip
     data_positions = StreamPositions(start.positions, step - 1)
     batches = iter(batch_loader(stream, cfg.data.num_workers))
     start_step, start_time = step, time.perf_counter()
@@ -229,7 +226,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
         if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps or stopping:
             save_checkpoint(
                 engine, encoder, checkpoint_dir, step, cfg.run.keep_checkpoints, env.is_main,
-                data=_gather_positions(data_positions, specs, order, start.seed, env.world_size),
+                data=_gather_positions(data_positions, sources, order, start.seed, env.world_size),
                 num_skipped=int(_sum_over_ranks(num_skipped, env.world_size, engine.device)),
             )  # fmt: skip
         if stopping:
@@ -332,7 +329,7 @@ def save_checkpoint(
 
 
 def _gather_positions(
-    positions: StreamPositions, specs: list[OrderSpec], order: DataOrder, seed: int, world_size: int
+    positions: StreamPositions, sources: list[Source], order: DataOrder, seed: int, world_size: int
 ) -> dict:
     # DeepSpeed writes the client state from rank 0 only, so rank 0 must hold every stream's place; each
     # rank knows those of the streams its slots read.
@@ -341,6 +338,7 @@ def _gather_positions(
         dist.all_gather_object(per_rank, positions.to_list())
     else:
         per_rank[0] = positions.to_list()
+    specs = [OrderSpec(s.name, [shard.num_samples for shard in s.shards], s.weight) for s in sources]
     streams = order.layout.source_streams
     return StreamPositions.merge(per_rank, specs, streams, seed, order.layout.global_batch).to_dict()
 

@@ -25,6 +25,7 @@ from clip_pipe.data.stream import (
     SampleErrors,
     TarBlocks,
     batch_loader,
+    build_stream,
 )
 from clip_pipe.data.tar import TarError, tar_samples
 
@@ -44,6 +45,7 @@ __all__ = [
     "TarBlocks",
     "TarError",
     "batch_loader",
+    "build_stream",
     "decode_image",
     "decode_uint8",
     "list_shards",

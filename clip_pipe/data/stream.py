@@ -34,14 +34,17 @@ from clip_pipe.data.order import (
     SAMPLE_AUGMENT,
     DataOrder,
     Item,
+    OrderSpec,
     Piece,
+    Resume,
     Segment,
     StreamPosition,
+    resume_order,
     seed_of,
     slot_pieces,
     slot_range,
 )
-from clip_pipe.data.sources import Shard
+from clip_pipe.data.sources import Shard, Source
 from clip_pipe.data.tar import TarError
 
 log = logging.getLogger(__name__)
@@ -232,6 +235,33 @@ class ImageTextStream(IterableDataset):
             "step": piece.step,
             "positions": [(i, j, p.epoch, p.block, p.num_taken) for (i, j), p in piece.positions.items()],
         }
+
+
+def build_stream(
+    sources: list[Source],
+    global_batch: int,
+    augment: TrainAugment,
+    tokenizer: Callable,
+    rank: int,
+    world_size: int,
+    *,
+    num_streams: int,
+    seed: int,
+    shuffle_buffer: int,
+    resampled: bool = False,
+    saved: dict | list | None = None,
+    step: int = 0,
+    views: Callable | None = None,
+) -> tuple[ImageTextStream, Resume]:
+    """One rank's stream of the order over `sources` (`data.*` settings), from step 0 or from a
+    checkpoint's data state `saved` at `step`; also where it starts (`Resume`, with lines to log)."""
+    specs = [OrderSpec(s.name, [shard.num_samples for shard in s.shards], s.weight) for s in sources]
+    start = resume_order(saved, specs, global_batch, num_streams, seed, step)
+    order = DataOrder.build(specs, global_batch, start.source_streams, start.seed, shuffle_buffer, resampled)
+    stream = ImageTextStream(
+        order, [s.shards for s in sources], augment, tokenizer, rank, world_size, start.positions, step, views
+    )
+    return stream, start
 
 
 @contextmanager
