@@ -53,11 +53,13 @@ class DataConfig:
     shuffle_buffer: int = 1000
     """Samples held for shuffling, over all streams together: each stream shuffles blocks of
     shuffle_buffer / streams consecutive samples of its range (0: read in shard order)."""
-    num_streams: int = 64
-    """Streams the data is read in, split over the sources by weight. Fixed for a run (a resumed run
-    keeps its checkpoint's), whatever the ranks and workers: each loader slot reads the streams that
-    reach its part of the batch, so a slot count above it makes slots share streams (reading their
-    shards twice or more). Set it to at least the largest ranks × workers the run will use."""
+    num_streams: int = 0
+    """Streams the data is read in, split over the sources by weight; 0: 64, and at most one per four
+    shards of a source (a stream mostly starts inside a shard and reads its first part unused). Fixed
+    for a run (a resumed run keeps its checkpoint's), whatever the ranks and workers: each loader slot
+    reads the streams that reach its part of the batch, so with more slots than streams slots share
+    streams, reading their shards twice or more. Set it to at least the largest ranks × workers the run
+    will use."""
     resampled: bool = False
     """Draw each stream's shards with replacement (open_clip's --dataset-resampled) instead of epochs
     that read every sample exactly once."""
@@ -71,7 +73,7 @@ class DataConfig:
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
-        _check(self.num_streams >= 1, "data.num_streams must be >= 1")
+        _check(self.num_streams >= 0, "data.num_streams must be >= 0 (0: automatic)")
 
     @property
     def source_list(self) -> list[SourceConfig]:

@@ -94,7 +94,10 @@ def saved_state(trackers, sources, global_batch, num_streams=6, seed=0):
     ]
     from clip_pipe.data.order import default_num_streams
 
-    streams = default_num_streams(num_streams, [s.weight for s in specs], [sum(s.shard_sizes) for s in specs])
+    sizes = [s.shard_sizes for s in specs]
+    streams = default_num_streams(
+        num_streams, [s.weight for s in specs], [sum(z) for z in sizes], [len(z) for z in sizes]
+    )
     return json.loads(
         json.dumps(StreamPositions.merge(trackers, specs, streams, seed, global_batch).to_dict())
     )

@@ -53,7 +53,12 @@ def run(order: DataOrder, world_size: int, num_workers: int, num_steps: int, sta
 
 
 def build(specs, global_batch, num_streams, shuffle_buffer, resampled=False, seed=0):
-    streams = default_num_streams(num_streams, [s.weight for s in specs], [sum(s.shard_sizes) for s in specs])
+    streams = default_num_streams(
+        num_streams,
+        [s.weight for s in specs],
+        [sum(s.shard_sizes) for s in specs],
+        [len(s.shard_sizes) for s in specs],
+    )
     return DataOrder.build(specs, global_batch, streams, seed, shuffle_buffer, resampled)
 
 
@@ -299,5 +304,8 @@ def test_split_by_weight_is_largest_remainder():
     assert split_by_weight(12, [0.7, 0.3]) == [8, 4]  # 8.4, 3.6
     assert split_by_weight(10, [1, 1, 1]) == [4, 3, 3]  # a tie goes to the earlier share
     assert split_by_weight(7, [5, 1, 1]) == [5, 1, 1]
-    assert default_num_streams(64, [0.98, 0.02], [10**6, 3]) == [63, 1]
-    assert default_num_streams(64, [1.0], [10]) == [10]  # no more streams than samples
+    assert default_num_streams(64, [0.98, 0.02], [10**6, 3], [100, 1]) == [63, 1]
+    assert default_num_streams(64, [1.0], [10], [3]) == [10]  # no more streams than samples
+    # Automatic: 64, split by weight, at most a quarter of the shards.
+    assert default_num_streams(0, [0.7, 0.3], [10**6] * 2, [41_000, 30]) == [45, 7]
+    assert default_num_streams(0, [1.0], [55_000], [11]) == [2]

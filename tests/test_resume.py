@@ -161,7 +161,7 @@ def _one_process_runs(rank: int, world_size: int, train: str, out: str) -> None:
                 "--resume",
                 "latest",
             ]
-        ),  # fmt: skip
+        ),
     ]
     Path(out, "one_process.json").write_text(json.dumps(statuses))
 

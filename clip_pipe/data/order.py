@@ -64,12 +64,24 @@ def split_by_weight(total: int, weights: Sequence[float]) -> list[int]:
     return shares
 
 
-def default_num_streams(num_streams: int, weights: Sequence[float], num_samples: Sequence[int]) -> list[int]:
-    """Streams per source: `num_streams` split by weight, at least one each, and no more than a source
-    has samples (a stream with an empty range would never give anything out)."""
-    return [
-        min(n, max(1, s)) for s, n in zip(split_by_weight(num_streams, weights), num_samples, strict=True)
-    ]
+# `data.num_streams: 0` means this many, and at most one stream per SHARDS_PER_STREAM shards of a
+# source: a stream's range mostly starts inside a shard, whose first part it must read without using it
+# (tars have no index), and with four shards or more a stream that is at most 1/16 of an epoch read twice.
+AUTO_NUM_STREAMS, SHARDS_PER_STREAM = 64, 4
+
+
+def default_num_streams(
+    num_streams: int, weights: Sequence[float], num_samples: Sequence[int], num_shards: Sequence[int]
+) -> list[int]:
+    """Streams per source for a fresh run: `num_streams` split by weight (0: `AUTO_NUM_STREAMS`, and
+    at most a quarter of each source's shards), at least one each, and no more than a source has
+    samples (a stream with an empty range would never give anything out)."""
+    shares = split_by_weight(num_streams or AUTO_NUM_STREAMS, weights)
+    if not num_streams:
+        shares = [
+            min(share, shards // SHARDS_PER_STREAM) for share, shards in zip(shares, num_shards, strict=True)
+        ]
+    return [max(1, min(share, samples)) for share, samples in zip(shares, num_samples, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -106,8 +118,9 @@ class SourceOrder:
         self._epochs: dict[int, tuple[list[int], list[int]]] = {}
         self._ranges: dict[tuple[int, int], tuple[list[Segment], list[int]]] = {}
 
-    def _epoch_sequence(self, epoch: int) -> tuple[list[int], list[int]]:
-        """Epoch mode: the epoch's shard order and the running sample count before each shard."""
+    def _epoch_sequence(self, epoch: int) -> tuple[list[int], list[int], set[int]]:
+        """Epoch mode: the epoch's shard order, the running sample count before each shard, and the
+        shards read back to front (see `stream_range`)."""
         if epoch not in self._epochs:
             if len(self._epochs) >= 2:  # streams are within an epoch of each other
                 del self._epochs[min(self._epochs)]
@@ -117,7 +130,22 @@ class SourceOrder:
             starts = [0]
             for shard in order:
                 starts.append(starts[-1] + self.shard_sizes[shard])
-            self._epochs[epoch] = (order, starts)
+            # The cuts between streams that fall inside a shard, as offsets into it. Each part but the
+            # first is read after the parts before it are read and dropped, so a shard costs the sum of
+            # its cuts' offsets read twice; numbered from its end instead, the sum of (size - offset).
+            cuts: dict[int, list[int]] = {}
+            for j in range(1, self.num_streams):
+                cut = j * self.num_samples // self.num_streams
+                k = bisect.bisect_right(starts, cut) - 1
+                if starts[k] < cut:
+                    cuts.setdefault(k, []).append(cut - starts[k])
+            size = self.shard_sizes
+            mirrored = {
+                order[k]
+                for k, offsets in cuts.items()
+                if sum(size[order[k]] - o for o in offsets) < sum(offsets)
+            }
+            self._epochs[epoch] = (order, starts, mirrored)
         return self._epochs[epoch]
 
     def stream_range(self, stream: int, epoch: int) -> tuple[list[Segment], list[int]]:
@@ -130,15 +158,18 @@ class SourceOrder:
             if self.resampled:
                 segments = self._drawn_shards(stream, epoch)
             else:
-                order, starts = self._epoch_sequence(epoch)
+                order, starts, mirrored = self._epoch_sequence(epoch)
                 lo = stream * self.num_samples // self.num_streams
                 hi = (stream + 1) * self.num_samples // self.num_streams
                 segments = []
                 for k in range(bisect.bisect_right(starts, lo) - 1, len(order)):
                     if starts[k] >= hi:
                         break
+                    shard, size = order[k], self.shard_sizes[order[k]]
                     first, end = max(lo, starts[k]) - starts[k], min(hi, starts[k + 1]) - starts[k]
-                    segments.append((order[k], first, end))
+                    segments.append(
+                        (shard, size - end, size - first) if shard in mirrored else (shard, first, end)
+                    )
             counts = [0]
             for _, first, end in segments:
                 counts.append(counts[-1] + end - first)
@@ -501,7 +532,12 @@ def resume_order(
     state gives a fresh order seeded by `seed + step`, rather than a replay of the first steps' samples.
     A source whose shards changed starts afresh; a changed global batch keeps every stream's place.
     """
-    fresh = default_num_streams(num_streams, [s.weight for s in specs], [sum(s.shard_sizes) for s in specs])
+    fresh = default_num_streams(
+        num_streams,
+        [s.weight for s in specs],
+        [sum(s.shard_sizes) for s in specs],
+        [len(s.shard_sizes) for s in specs],
+    )
     if saved is None and step == 0:
         return Resume(seed, fresh, {}, [])
     if not isinstance(saved, dict):
