@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--ranks", type=int, default=1, help="the rank measured is rank 0 of this many")
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=0, help="data.num_streams (0: automatic)")
     parser.add_argument("--shuffle-buffer", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--resume-at", type=int, default=200, help="steps into the run for the resume figure")
@@ -189,7 +189,7 @@ def main() -> None:
         "setting": (
             f"{MODEL} transforms and tokenizer, rank 0 of {args.ranks}, {args.batch} samples/rank, "
             f"data.num_workers={args.workers}, 1 thread, shuffle_buffer {args.shuffle_buffer}, "
-            f"{args.streams} streams (elastic), {args.shards}"
+            f"data.num_streams={args.streams} (elastic), {args.shards}"
         ),
         "samples_per_s": summary(rates["elastic"], rates["per_slot"]),
         f"first_batch_s_resumed_at_step_{args.resume_at}": summary(resumes["elastic"], resumes["per_slot"]),

@@ -49,27 +49,25 @@ NOISY = NoisyAugment(16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 def rank_loader(
     sources, global_batch, rank, world_size, num_workers, *, augment=NOISY, saved=None, step=0, **kw
 ):
-    """One rank's batches over `sources` [(folder, weight)], as train.py builds them."""
+    """One rank's batches over `sources` [(folder, weight)], as train.py builds them, and where they
+    start (`Resume`)."""
     settings = {"num_streams": 6, "seed": 0, "shuffle_buffer": 24, **kw}
     configs = [SourceConfig([str(folder)], weight) for folder, weight in sources]
-    stream, _ = build_stream(
+    stream, start = build_stream(
         list_sources(configs), global_batch, augment, TOKENIZER, rank, world_size, saved=saved, step=step,
         **settings,
     )  # fmt: skip
-    return batch_loader(stream, num_workers)
+    return batch_loader(stream, num_workers), start
 
 
-def global_batches(sources, global_batch, world_size, num_workers, num_steps, **kw):
+def global_batches(sources, global_batch, world_size, num_workers, num_steps, step=0, **kw):
     """Every rank's batches of `num_steps` steps joined into global batches, and the data state a
-    checkpoint after them would hold (every rank's stream positions, merged as train.py merges them)."""
+    checkpoint after them would hold: every rank's stream positions, kept and merged as train.py does."""
     per_rank, trackers = [], []
     for rank in range(world_size):
-        tracker = StreamPositions({}, -1)
-        batches = list(
-            itertools.islice(
-                iter(rank_loader(sources, global_batch, rank, world_size, num_workers, **kw)), num_steps
-            )
-        )
+        loader, start = rank_loader(sources, global_batch, rank, world_size, num_workers, step=step, **kw)
+        tracker = StreamPositions(start.positions, step - 1)
+        batches = list(itertools.islice(iter(loader), num_steps))
         for batch in batches:
             tracker.advance(batch)
         per_rank.append(batches)
@@ -170,7 +168,7 @@ def test_a_resumed_loader_on_other_ranks_and_workers_continues_exactly(mix):
 def test_uneven_shards_give_every_rank_the_same_full_batches(color_shards, num_workers):
     num_batches = 40  # over 6 epochs of 100 samples at a global batch of 16
     for rank in range(2):
-        loader = rank_loader([(color_shards, 1.0)], 16, rank, 2, num_workers)
+        loader, _ = rank_loader([(color_shards, 1.0)], 16, rank, 2, num_workers)
         batches = list(itertools.islice(iter(loader), num_batches))
         assert len(batches) == num_batches
         for batch in batches:
@@ -239,7 +237,8 @@ def test_an_image_over_the_pixel_limit_is_skipped_before_decoding(tmp_path):
         writer.write({"__key__": "bomb", "png": bomb.getvalue(), "txt": "a decompression bomb"})
     sizes = json.loads((folder / "sizes.json").read_text())
     (folder / "sizes.json").write_text(json.dumps({**sizes, "shard-000001.tar": 1}))
-    batches = list(itertools.islice(iter(rank_loader([(folder, 1.0)], 5, 0, 1, 0)), 4))  # 4 epochs of 5
+    loader, _ = rank_loader([(folder, 1.0)], 5, 0, 1, 0)
+    batches = list(itertools.islice(iter(loader), 4))  # 4 epochs of 5
     assert sum(b["num_skipped"] for b in batches) == 4  # the bomb, once an epoch
     assert all(len(b["keys"]) == 5 for b in batches)
     assert not any("bomb" in key for b in batches for key in b["keys"])
@@ -254,7 +253,7 @@ def test_a_bug_in_the_augmentation_fails_the_loader_instead_of_skipping_every_sa
     folder = write_train_shards(tmp_path / "train", [8])
     augment = BrokenAugment(16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     with pytest.raises(TypeError, match="a bug, not bad data"):
-        next(iter(rank_loader([(folder, 1.0)], 4, 0, 1, 0, augment=augment)))
+        next(iter(rank_loader([(folder, 1.0)], 4, 0, 1, 0, augment=augment)[0]))
 
 
 @pytest.mark.timeout(120)
@@ -266,7 +265,7 @@ def test_shards_of_nothing_decodable_stop_the_run_with_a_clear_error(tmp_path):
             writer.write({"__key__": f"x{i}", "jpg": b"not a jpeg", "txt": "a broken image"})
     (folder / "sizes.json").write_text(json.dumps({"shard-000000.tar": 5}))
     with pytest.raises(ValueError, match="10000 samples in a row could not be decoded"):
-        next(iter(rank_loader([(folder, 1.0)], 2, 0, 1, 0, num_streams=1)))
+        next(iter(rank_loader([(folder, 1.0)], 2, 0, 1, 0, num_streams=1)[0]))
 
 
 def test_missing_sizes_json_is_a_clear_error(tmp_path):
