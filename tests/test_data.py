@@ -164,6 +164,52 @@ def test_a_resumed_loader_on_other_ranks_and_workers_continues_exactly(mix):
     assert_same_batches(first + second + third, reference)
 
 
+def test_resampled_batches_are_the_same_on_any_layout_and_draw_with_replacement(mix):
+    reference, _ = global_batches(mix, 12, 1, 0, 12, resampled=True)
+    ours, _ = global_batches(mix, 12, 3, 0, 12, resampled=True)
+    assert_same_batches(ours, reference)
+    keys = [k for b in reference for k in b["keys"] if int(k) < 10_000]  # the first source's
+    # 96 draws from 100 samples in 3 shards, whole shards drawn with replacement: repeats long before an
+    # epoch's worth, where the epoch order has none.
+    assert len(set(keys)) < len(keys)
+    epochs, _ = global_batches(mix, 12, 1, 0, 12)
+    first = [k for b in epochs for k in b["keys"] if int(k) < 10_000]
+    assert len(set(first)) == len(first)
+
+
+def test_streams_announce_their_next_shards_to_the_reader(color_shards, monkeypatch):
+    """`ShardReader.prefetch` hears, for each stream, the shards it reads next, in order, before it
+    opens them (so a remote reader can fetch them ahead)."""
+    import clip_pipe.data.open
+
+    events = []
+    monkeypatch.setattr(
+        clip_pipe.data.open.ShardReader, "prefetch", lambda self, urls: events.append(("hint", list(urls)))
+    )
+    real_samples = clip_pipe.data.open.ShardReader.samples
+
+    def samples(self, url):
+        events.append(("open", url))
+        yield from real_samples(self, url)
+
+    monkeypatch.setattr(clip_pipe.data.open.ShardReader, "samples", samples)
+    loader, _ = rank_loader([(color_shards, 1.0)], 4, 0, 1, 0, num_streams=2, shuffle_buffer=0)
+    list(itertools.islice(iter(loader), 40))  # 160 samples: into the second epoch
+    opened = [i for i, (kind, _) in enumerate(events) if kind == "open"]
+    assert len(opened) >= 6
+    for i in opened:  # every shard was announced before it was opened
+        assert any(kind == "hint" and events[i][1] in urls for kind, urls in events[:i]), events[: i + 1]
+    # A stream's first hint is its epoch's shards in its reading order.
+    shards = [s.url for s in list_shards([str(color_shards)])]
+    stream, _ = build_stream(
+        list_sources([SourceConfig([str(color_shards)])]), 4, PREPROCESS, TOKENIZER, 0, 1, num_streams=2,
+        seed=0, shuffle_buffer=0,
+    )  # fmt: skip
+    source = stream.order.sources[0]
+    expected = [[shards[shard] for shard, _, _ in source.stream_range(j, 0)[0]] for j in range(2)]
+    assert [urls for kind, urls in events if kind == "hint"][:2] == expected
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_uneven_shards_give_every_rank_the_same_full_batches(color_shards, num_workers):
     num_batches = 40  # over 6 epochs of 100 samples at a global batch of 16

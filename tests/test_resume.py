@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_ranks
+from tests.conftest import REPO, run_ranks, write_train_shards
 
 pytestmark = pytest.mark.slow
 NUM_STEPS, SIGNAL_STEP = 10, 4
@@ -141,7 +141,7 @@ def _first_leg(rank: int, world_size: int, train: str, out: str) -> None:
     Path(out, f"first{rank}.json").write_text(json.dumps(status))
 
 
-def _one_process_runs(rank: int, world_size: int, train: str, out: str) -> None:
+def _one_process_runs(rank: int, world_size: int, train: str, out: str, other: str) -> None:
     import multiprocessing
 
     multiprocessing.set_start_method("fork", force=True)
@@ -160,6 +160,14 @@ def _one_process_runs(rank: int, world_size: int, train: str, out: str) -> None:
                 "data.batch_size=8",
                 "--resume",
                 "latest",
+            ]
+        ),
+        # A weighted mix of two sources, from the config through the trainer.
+        main(
+            [
+                *_elastic_command(train, f"{out}/mix", 1, 0, 2),
+                "data.train=[]",
+                f"data.sources=[{{train: {train}, weight: 0.7}}, {{train: {other}, weight: 0.3}}]",
             ]
         ),
     ]
@@ -218,8 +226,9 @@ def test_a_run_resumes_exactly_on_other_ranks_and_workers(tmp_path, color_shards
         timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_ranks(_one_process_runs, 1, train, str(out), timeout=900)
-    assert json.loads((out / "one_process.json").read_text()) == [0, 0, 0, 0]
+    other = write_train_shards(tmp_path / "other", [20, 9], seed=5, first_key=10_000)
+    run_ranks(_one_process_runs, 1, train, str(out), str(other), timeout=900)
+    assert json.loads((out / "one_process.json").read_text()) == [0, 0, 0, 0, 0]
 
     elastic, whole = out / "elastic", out / "whole"
     log_text = (elastic / "train.log").read_text()
@@ -251,3 +260,6 @@ def test_a_run_resumes_exactly_on_other_ranks_and_workers(tmp_path, color_shards
     other_log = (out / "other_batch" / "train.log").read_text()
     assert "the global batch is 8 samples, the checkpoint's 12" in other_log, other_log
     assert len(losses(out / "other_batch")) == LEG_STEPS + 2
+    mix_log = (out / "mix" / "train.log").read_text()
+    assert f"source {train}: 8 samples/step (weight 0.7), 100 samples" in mix_log, mix_log
+    assert f"source {other}: 4 samples/step (weight 0.3), 29 samples" in mix_log, mix_log
