@@ -7,7 +7,8 @@ processes. The shape (docs/design.md, "The elastic order"):
 - **Streams.** Each source (a weighted set of shards) is read by a fixed number of streams, set by
   `data.num_streams` and kept in the checkpoint. Each epoch the source's shards are shuffled (seed,
   epoch) and laid end to end; stream j reads the j-th of `num_streams` equal, contiguous ranges of that
-  sequence, so the streams together read every sample of the epoch exactly once. Within its range a
+  sequence, so the streams together read every sample of the epoch exactly once (a shard cut between
+  streams is numbered from whichever end makes reaching the later parts cheaper). Within its range a
   stream shuffles blocks of `block_size` consecutive samples (seed, stream, epoch, block). With
   `resampled`, a stream's epoch is instead a run of shards drawn with replacement (seed, stream, epoch).
 - **The global batch.** Source i gives `source_batches[i]` samples a step (the global batch split by
@@ -115,7 +116,7 @@ class SourceOrder:
         self.shard_sizes, self.num_streams, self.block_size = list(shard_sizes), num_streams, block_size
         self.seed, self.source, self.resampled, self.shuffle = seed, source, resampled, shuffle
         self.num_samples = sum(shard_sizes)
-        self._epochs: dict[int, tuple[list[int], list[int]]] = {}
+        self._epochs: dict[int, tuple[list[int], list[int], set[int]]] = {}
         self._ranges: dict[tuple[int, int], tuple[list[Segment], list[int]]] = {}
 
     def _epoch_sequence(self, epoch: int) -> tuple[list[int], list[int], set[int]]:
