@@ -31,16 +31,17 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from bench.common import machine_description
-from clip_pipe.config import ModelConfig
+from clip_pipe.config import ModelConfig, SourceConfig
 from clip_pipe.data import (
     CachedTokenizer,
-    ImageTextStream,
-    SampleErrors,
+    TarBlocks,
+    build_stream,
     decode_uint8,
-    epoch_samples,
     list_shards,
+    list_sources,
 )
 from clip_pipe.data.augment import TrainAugment
+from clip_pipe.data.open import ShardReader
 from clip_pipe.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def stage_profile(shard_url: str, num_samples: int, encoder, open_clip_preproces
         lambda: list(itertools.islice(wds.tariterators.tarfile_samples([{"url": shard_url}]), num_samples))
     )
     _, out["tar read (clip-pipe)"] = timed(
-        lambda: list(itertools.islice(epoch_samples([shard], 0, 1, 0, 0, SampleErrors()), num_samples))
+        lambda: TarBlocks([shard], ShardReader())([(0, 0, min(num_samples, shard.num_samples))], [0])[0]
     )
     pil, out["decode: PIL, to RGB"] = timed(
         lambda: [Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in samples]
@@ -143,9 +144,10 @@ def main() -> None:
     results: dict[str, list[float]] = {"clip-pipe": [], "open_clip_train": []}
     for round_index in range(args.rounds):
         seed = round_index
-        ours = ImageTextStream(
-            shards, args.batch, encoder.preprocess_train, encoder.tokenizer, 0, 1, seed, shuffle_buffer=2000
-        )
+        ours, _ = build_stream(
+            list_sources([SourceConfig([str(args.shards)])]), args.batch, encoder.preprocess_train,
+            encoder.tokenizer, 0, 1, num_streams=0, seed=seed, shuffle_buffer=2000,
+        )  # fmt: skip
         theirs = open_clip_loader(urls, args.batch, open_clip_preprocess, encoder.tokenizer, seed)
         for name, loader in (("clip-pipe", ours), ("open_clip_train", theirs)):
             rate = samples_per_s(iter(loader), args.batches, args.batch)

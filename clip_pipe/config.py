@@ -21,47 +21,90 @@ import yaml
 
 
 @dataclass
+class SourceConfig:
+    """One weighted source of training shards: an entry of `data.sources`."""
+
+    train: list[str] = field(default_factory=list)
+    """Its shards, as `data.train` takes them."""
+    weight: float = 1.0
+    """Its share of every global batch is weight / (the sum of the weights), in whole samples (largest
+    remainder: within one sample of the exact share, the same count every step)."""
+    num_samples: int | None = None
+    """Its number of samples, for shards with no count files (as `data.num_samples`)."""
+
+    def __post_init__(self):
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        _check(bool(self.train), "each entry of data.sources needs train: [shard sets]")
+        _check(self.weight > 0, f"data.sources: weight must be > 0, got {self.weight}")
+        _check(self.num_samples is None or self.num_samples >= 1, "data.sources: num_samples must be >= 1")
+
+
+@dataclass
 class DataConfig:
     train: list[str] = field(default_factory=list)
     """Training shards: folders (`sizes.json` names their shards, else every *.tar), shard URLs with brace
     patterns (`/data/laion/{00000..00041}.tar`), `s3://`, `gs://`, `http(s)://`, `file://` or `pipe:COMMAND`,
     several joined with `::` or given as a list (open_clip's `--train-data`). Sample counts come from
-    `sizes.json`, else img2dataset's `<shard>_stats.json`, else `num_samples`."""
+    `sizes.json`, else img2dataset's `<shard>_stats.json`, else `num_samples`. One source; for a weighted
+    mix of several, use `sources` instead."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mix: [{train: [...], weight: 0.7}, {train: [...], weight: 0.3}]. Each source keeps
+    its own epochs and streams; every global batch holds the same whole number of samples of each."""
     num_samples: int | None = None
     """The number of training samples, for shards with neither a `sizes.json` nor `*_stats.json` beside
     them (open_clip's `--train-num-samples`); spread evenly over them."""
+    batch_size: int = 64
+    """Samples per rank per optimizer step. The global batch (and the loss's negatives) is this × world
+    size, however many micro-batches `optim.accum_steps` splits it into."""
+    num_workers: int = 1
+    """Loader processes per rank, each filling its part of every batch (0: a thread of the rank). They
+    share the rank's cores, so more is not always faster."""
+    shuffle_buffer: int = 1000
+    """Samples held for shuffling, over all streams together: each stream shuffles blocks of
+    shuffle_buffer / streams consecutive samples of its range (0: read in shard order)."""
+    num_streams: int = 0
+    """Streams the data is read in, split over the sources by weight; 0: 64, and at most one per four
+    shards of a source (a stream mostly starts inside a shard and reads its first part unused). Fixed
+    for a run (a resumed run keeps its checkpoint's), whatever the ranks and workers: each loader slot
+    reads the streams that reach its part of the batch, so with more slots than streams slots share
+    streams, reading their shards twice or more. Set it to at least the largest ranks × workers the run
+    will use."""
+    resampled: bool = False
+    """Draw each stream's shards with replacement (open_clip's --dataset-resampled) instead of epochs
+    that read every sample exactly once."""
+    seed: int = 0
+    """Seeds the shard order, the shuffle and the augmentation."""
     cache_dir: str | None = None
     """Keep copies of remote shards here (local disk; shared by the ranks and workers of a node)."""
     cache_limit: str | None = None
     """The cache's size limit, such as `500GB` or `1.5TiB` (none: up to 95% of the disk). When the data
     are larger, the first shards to arrive stay cached and the rest stream past: no thrashing."""
     num_fetches: int = 8
-    """Byte-range requests in flight per loader worker for remote shards (8 MiB each): the shard being
+    """Byte-range requests in flight per loader worker for remote shards (8 MiB each): the shards being
     read and the next ones, so that latency and per-connection bandwidth do not stall the loader."""
     timeout_s: float = 30.0
     """A remote request fails (and is retried, with backoff) when its connection is silent this long."""
-    batch_size: int = 64
-    """Samples per rank per optimizer step. The global batch (and the loss's negatives) is this × world
-    size, however many micro-batches `optim.accum_steps` splits it into."""
-    num_workers: int = 1
-    """Loader processes per rank. They share the rank's cores, so more is not always faster."""
-    shuffle_buffer: int = 1000
-    """Samples held in each worker's shuffle buffer."""
-    seed: int = 0
-    """Seeds the shard order and the shuffle buffer."""
 
     def __post_init__(self):
         if isinstance(self.train, str):
             self.train = [self.train]
+        _check(not (self.train and self.sources), "give data.train (one source) or data.sources, not both")
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+        _check(self.num_streams >= 0, "data.num_streams must be >= 0 (0: automatic)")
         _check(self.num_samples is None or self.num_samples >= 1, "data.num_samples must be >= 1")
         _check(self.num_fetches >= 1, "data.num_fetches must be >= 1")
         _check(self.timeout_s > 0, "data.timeout_s must be > 0")
         if self.cache_limit is not None:
             _check(self.cache_dir is not None, "data.cache_limit needs data.cache_dir")
             self.cache_limit_bytes  # noqa: B018 (a ValueError naming the key)
+
+    @property
+    def source_list(self) -> list[SourceConfig]:
+        """`sources`, or `train` as the one source."""
+        return self.sources or [SourceConfig(self.train, num_samples=self.num_samples)]
 
     @property
     def cache_limit_bytes(self) -> int | None:
@@ -305,7 +348,15 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
-        _check(bool(self.data.train), "data.train must name at least one shard folder")
+        _check(
+            bool(self.data.train or self.data.sources),
+            "data.train (or data.sources) must name at least one shard folder",
+        )
+        _check(
+            self.data.num_workers <= self.data.batch_size,
+            f"data.num_workers ({self.data.num_workers}) must be at most data.batch_size "
+            f"({self.data.batch_size}): each worker fills its own part of every batch",
+        )
         _check(
             self.data.batch_size % self.optim.accum_steps == 0,
             f"data.batch_size ({self.data.batch_size}) must be a multiple of optim.accum_steps "
@@ -382,6 +433,8 @@ def from_dict(cls, raw: dict, prefix: str = ""):
 
 def _coerce(value, hint, key: str):
     """Return `value` as type `hint`, or raise a ValueError naming `key`."""
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, f"{key}.")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         if value not in args:

@@ -30,7 +30,16 @@ from tqdm import tqdm
 
 from clip_pipe.checkpoints import set_latest
 from clip_pipe.config import OptimConfig, TrainConfig, save_config
-from clip_pipe.data import ImageTextStream, LoaderPosition, batch_loader, list_shards, shard_reader
+from clip_pipe.data import (
+    DataOrder,
+    OrderSpec,
+    Source,
+    StreamPositions,
+    batch_loader,
+    build_stream,
+    list_sources,
+    shard_reader,
+)
 from clip_pipe.data.views import TwoViews
 from clip_pipe.distributed import env_from_os, threads_per_rank
 from clip_pipe.engine import Engine, init_process_group
@@ -128,8 +137,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     setup_logging(run_dir, env.is_main)
     # Fail on a bad path, an unreachable store or bad credentials now, not after the process group
     # and model are up.
-    shards = list_shards(cfg.data.train, cfg.data.num_samples, cfg.data.timeout_s)
-    reader = shard_reader(cfg.data, shards)
+    sources = list_sources(cfg.data.source_list, cfg.data.timeout_s)
+    reader = shard_reader(cfg.data, [shard for source in sources for shard in source.shards])
     eval_sets, probe_set = configured_sets(cfg.eval)
 
     init_process_group(env, cfg.run.collective_timeout_s)
@@ -143,7 +152,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     global_batch = cfg.data.batch_size * env.world_size
     metrics = MetricsLog(run_dir / "metrics.jsonl", cfg.run.report_to)
 
-    step, data_start, data_seed, num_skipped = 0, None, cfg.data.seed, 0
+    step, saved_data, num_skipped = 0, None, 0
     if resume:
         state = engine.load(checkpoint_dir, tag=None if resume == "latest" else resume)
         if state is None:
@@ -153,25 +162,39 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
             # The job's count so far (all ranks'), carried by one rank so that the sum over ranks stays right.
             num_skipped = state.get("num_skipped", 0) if env.is_main else 0
             log.info("resumed from %s at step %d", checkpoint_dir, step)
-            data_start = _data_start(state.get("data"), env, cfg.data.num_workers)
-            if data_start is None:
-                data_seed = cfg.data.seed + step  # a fresh order, rather than replaying the first steps'
+            saved_data = state.get("data")
     if env.is_main:
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "ds_config.json").write_text(json.dumps(engine.config, indent=2))
         metrics.truncate_after(step)
-    num_samples = sum(s.num_samples for s in shards)
+
+    # The data order: a function of the data, the seed and the step, whatever the ranks and workers, so
+    # a checkpoint resumes exactly on another number of either (docs/design.md, "The elastic order").
+    stream, start = build_stream(
+        sources, global_batch, encoder.preprocess_train, encoder.tokenizer, env.rank, env.world_size,
+        num_streams=cfg.data.num_streams, seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        resampled=cfg.data.resampled, saved=saved_data, step=step, views=views, reader=reader,
+    )  # fmt: skip
+    for message in start.messages:
+        log.warning(message)
+    order = stream.order
+    num_samples = sum(s.num_samples for source in sources for s in source.shards)
     log.info(
         "training %s for %d steps: %d ranks × %d = %d samples/step, %d shards (%d samples), %.2f epochs",
         cfg.model.name, cfg.run.steps, env.world_size, cfg.data.batch_size, global_batch,
-        len(shards), num_samples, cfg.run.steps * global_batch / num_samples,
+        sum(len(s.shards) for s in sources), num_samples, cfg.run.steps * global_batch / num_samples,
     )  # fmt: skip
-
-    stream = ImageTextStream(
-        shards, cfg.data.batch_size, encoder.preprocess_train, encoder.tokenizer, env.rank, env.world_size,
-        seed=data_seed, shuffle_buffer=cfg.data.shuffle_buffer, start=data_start, views=views, reader=reader,
-    )  # fmt: skip
-    data_position = data_start or LoaderPosition.start(cfg.data.num_workers)
+    if len(sources) > 1:
+        for source, source_batch, num_streams in zip(
+            sources, order.layout.source_batches, start.source_streams, strict=True
+        ):
+            source_samples = sum(s.num_samples for s in source.shards)
+            log.info(
+                "source %s: %d samples/step (weight %g), %d samples, %d streams, %.2f epochs",
+                source.name, source_batch, source.weight, source_samples, num_streams,
+                cfg.run.steps * source_batch / source_samples,
+            )  # fmt: skip
+    data_positions = StreamPositions(start.positions, step - 1)
     batches = iter(batch_loader(stream, cfg.data.num_workers))
     start_step, start_time = step, time.perf_counter()
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -182,7 +205,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     while step < cfg.run.steps:
         t0 = time.perf_counter()
         batch = next(batches)
-        data_position.advance(batch)
+        assert batch["step"] == step, "the loader is in step with the trainer"
+        data_positions.advance(batch)
         data_wait += time.perf_counter() - t0
         lr = lr_at(step, cfg.optim, cfg.run.steps)
         if cfg.model.patch_dropout:  # a pure function of the step, so a resumed run switches where it should
@@ -221,7 +245,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
         if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps or stopping:
             save_checkpoint(
                 engine, encoder, checkpoint_dir, step, cfg.run.keep_checkpoints, env.is_main,
-                data=_gather_positions(data_position, env.world_size),
+                data=_gather_positions(data_positions, sources, order, start.seed, env.world_size),
                 num_skipped=int(_sum_over_ranks(num_skipped, env.world_size, engine.device)),
             )  # fmt: skip
         if stopping:
@@ -306,10 +330,10 @@ def save_checkpoint(
     step: int,
     num_keep: int,
     is_main: bool,
-    data: list[dict] | None = None,
+    data: dict | None = None,
     num_skipped: int = 0,
 ) -> None:
-    """Collective. `data`: every rank's `LoaderPosition.to_dict()`, indexed by rank (rank 0 writes them);
+    """Collective. `data`: the data order's `LoaderState.to_dict()` (rank 0 writes it);
     `num_skipped`: training samples lost to unreadable data up to `step`, over all ranks."""
     tag = f"step_{step:08d}"
     engine.save(checkpoint_dir, tag, client_state={"step": step, "data": data, "num_skipped": num_skipped})
@@ -323,26 +347,19 @@ def save_checkpoint(
                 shutil.rmtree(old)
 
 
-def _gather_positions(position: LoaderPosition, world_size: int) -> list[dict]:
-    # DeepSpeed writes the client state from rank 0 only, so rank 0 must hold every rank's position.
-    positions = [None] * world_size
+def _gather_positions(
+    positions: StreamPositions, sources: list[Source], order: DataOrder, seed: int, world_size: int
+) -> dict:
+    # DeepSpeed writes the client state from rank 0 only, so rank 0 must hold every stream's place; each
+    # rank knows those of the streams its slots read.
+    per_rank = [None] * world_size
     if world_size > 1:
-        dist.all_gather_object(positions, position.to_dict())
+        dist.all_gather_object(per_rank, positions.to_list())
     else:
-        positions[0] = position.to_dict()
-    return positions
-
-
-def _data_start(saved: list[dict] | None, env, num_workers: int) -> LoaderPosition | None:
-    """This rank's saved data position, if the checkpoint's ranks and workers match this run's."""
-    num_slots = max(1, num_workers)
-    if saved and len(saved) == env.world_size and len(saved[env.rank]["workers"]) == num_slots:
-        return LoaderPosition.from_dict(saved[env.rank])
-    log.warning(
-        "the checkpoint's data position is for another layout of ranks and workers (or none was saved): "
-        "the data order restarts, so the resumed run does not see exactly the samples it would have"
-    )
-    return None
+        per_rank[0] = positions.to_list()
+    specs = [OrderSpec(s.name, [shard.num_samples for shard in s.shards], s.weight) for s in sources]
+    streams = order.layout.source_streams
+    return StreamPositions.merge(per_rank, specs, streams, seed, order.layout.global_batch).to_dict()
 
 
 def _sum_over_ranks(value, world_size: int, device: torch.device) -> float:

@@ -50,11 +50,12 @@ def color_jpeg(name: str, rng: random.Random, size: int = 16) -> bytes:
     return buffer.getvalue()
 
 
-def write_train_shards(folder: Path, shard_sizes: list[int], seed: int = 0) -> Path:
-    """Shards of solid-colour squares captioned with their colour, plus sizes.json."""
+def write_train_shards(folder: Path, shard_sizes: list[int], seed: int = 0, first_key: int = 0) -> Path:
+    """Shards of solid-colour squares captioned with their colour, plus sizes.json; keys count up from
+    `first_key`."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    sizes, key = {}, 0
+    sizes, key = {}, first_key
     for index, num_samples in enumerate(shard_sizes):
         name = f"shard-{index:06d}.tar"
         with wds.TarWriter(str(folder / name)) as writer:

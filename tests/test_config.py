@@ -48,12 +48,41 @@ def test_yaml_and_overrides_build_typed_config(tmp_path):
         (["data.batch_size=0"], "data.batch_size must be >= 1"),
         (["run=5"], "run must be a mapping"),
         (["novalue"], "must look like key.sub=value"),
+        (["data.sources=[{train: /y}]"], "give data.train (one source) or data.sources, not both"),
+        (
+            ["data.num_workers=9", "data.batch_size=8"],
+            "data.num_workers (9) must be at most data.batch_size (8)",
+        ),
+        (["data.num_streams=-1"], "data.num_streams must be >= 0"),
     ],
 )
 def test_bad_keys_and_values_are_errors_that_name_them(overrides, message):
     with pytest.raises(ValueError) as info:
         load_config(None, ["data.train=/x", *overrides])
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "sources, message",
+    [
+        ("[{train: /a, wieght: 2}]", "unknown config key 'data.sources[0].wieght' (did you mean"),
+        ("[{train: /a, weight: 0}]", "data.sources: weight must be > 0, got 0"),
+        ("[{weight: 1}]", "each entry of data.sources needs train"),
+        ("[/a, /b]", "data.sources[0] must be a mapping"),
+    ],
+)
+def test_bad_sources_are_errors_that_name_them(sources, message):
+    with pytest.raises(ValueError) as info:
+        load_config(None, [f"data.sources={sources}"])
+    assert message in str(info.value)
+
+
+def test_sources_mix_and_train_is_the_one_source_shorthand():
+    cfg = load_config(None, ["data.sources=[{train: /a, weight: 0.7}, {train: [/b, /c], weight: 0.3}]"])
+    assert [(s.train, s.weight) for s in cfg.data.source_list] == [(["/a"], 0.7), (["/b", "/c"], 0.3)]
+    assert [(s.train, s.weight) for s in load_config(None, ["data.train=/a"]).data.source_list] == [
+        (["/a"], 1.0)
+    ]
 
 
 def test_missing_train_data_is_an_error():
@@ -68,7 +97,7 @@ def test_shipped_recipes_load(recipe, tmp_path):
         cfg = load_config(recipe)
     else:  # a recipe for the user's data: it names none, and no eval sets either
         assert not raw.get("eval", {}).keys() & {"sets", "retrieval_sets", "linear_probe_train"}, raw["eval"]
-        with pytest.raises(ValueError, match=r"data\.train must name at least one shard folder"):
+        with pytest.raises(ValueError, match=r"data\.train \(or data\.sources\) must name at least one shard folder"):
             load_config(recipe)
         cfg = load_config(recipe, ["data.train=/my/shards"])
     # What a run saves as its resolved config.yaml loads back to the same config, with no key lost.

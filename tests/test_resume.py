@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_ranks
+from tests.conftest import REPO, run_ranks, write_train_shards
 
 pytestmark = pytest.mark.slow
 NUM_STEPS, SIGNAL_STEP = 10, 4
@@ -117,3 +117,149 @@ def test_preempted_run_resumes_exactly(tmp_path, color_shards):
             torch.testing.assert_close(
                 actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=f"workers={num_workers} {key}"
             )
+
+
+# --- Elastic resume: another number of ranks and loader workers ------------------------------------
+
+GLOBAL_BATCH, LEG_STEPS = 12, 3
+
+
+def _elastic_command(train: str, out: str, world_size: int, num_workers: int, num_steps: int) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "tiny_test.yaml"), f"data.train={train}", "eval.sets=[]",
+        f"data.batch_size={GLOBAL_BATCH // world_size}", f"data.num_workers={num_workers}", "data.num_streams=8",
+        f"run.steps={num_steps}", f"run.out_dir={out}", "run.log_every=1", "run.threads_per_rank=1",
+        f"run.checkpoint_every={LEG_STEPS}", "run.keep_checkpoints=0", "optim.schedule=constant",
+    ]  # fmt: skip
+
+
+def _first_leg(rank: int, world_size: int, train: str, out: str) -> None:
+    import multiprocessing
+
+    multiprocessing.set_start_method("fork", force=True)  # as a launcher's ranks fork their workers
+    status = launch_main()(_elastic_command(train, f"{out}/elastic", 2, 1, LEG_STEPS))
+    Path(out, f"first{rank}.json").write_text(json.dumps(status))
+
+
+def _one_process_runs(rank: int, world_size: int, train: str, out: str, other: str) -> None:
+    import multiprocessing
+
+    multiprocessing.set_start_method("fork", force=True)
+    main = launch_main()
+    statuses = [
+        # The third leg: 1 rank x 2 workers, from the 3-rank checkpoint at step 6.
+        main([*_elastic_command(train, f"{out}/elastic", 1, 2, 3 * LEG_STEPS), "--resume", "latest"]),
+        # The run left alone, in one process.
+        main(_elastic_command(train, f"{out}/whole", 1, 0, 3 * LEG_STEPS)),
+        # The first leg's checkpoint as the loader before the elastic order wrote it: it resumes.
+        main([*_elastic_command(train, f"{out}/old_format", 1, 0, LEG_STEPS + 2), "--resume", "latest"]),
+        # The first leg's checkpoint with another global batch (8 instead of 12): it resumes, and says so.
+        main(
+            [
+                *_elastic_command(train, f"{out}/other_batch", 1, 0, LEG_STEPS + 2),
+                "data.batch_size=8",
+                "--resume",
+                "latest",
+            ]
+        ),
+        # A weighted mix of two sources, from the config through the trainer.
+        main(
+            [
+                *_elastic_command(train, f"{out}/mix", 1, 0, 2),
+                "data.train=[]",
+                f"data.sources=[{{train: {train}, weight: 0.7}}, {{train: {other}, weight: 0.3}}]",
+            ]
+        ),
+    ]
+    Path(out, "one_process.json").write_text(json.dumps(statuses))
+
+
+def checkpoint_state(checkpoint: Path) -> dict:
+    from clip_pipe.engine import _DEEPSPEED_CHECKPOINT_GLOBALS
+
+    with torch.serialization.safe_globals(_DEEPSPEED_CHECKPOINT_GLOBALS):
+        return torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=True)
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, len(records) + 1))
+    return [r["loss"] for r in records]
+
+
+def test_a_run_resumes_exactly_on_other_ranks_and_workers(tmp_path, color_shards):
+    """Global batch 12: 3 steps on 2 ranks x 1 worker, 3 on 3 ranks x 0 (the deepspeed launcher), 3 on 1
+    rank x 2 workers, against 9 steps in one process. Each leg's checkpoint holds the same stream
+    positions as the whole run's at that step (so the legs read the same batches: tests/test_data.py
+    compares them sample by sample); per-step losses and the final weights agree to the rounding of
+    summing the batch in another order."""
+    import subprocess
+    import sys
+
+    from clip_pipe.distributed import free_port
+
+    out, train = tmp_path / "runs", str(color_shards)
+    out.mkdir()
+    run_ranks(_first_leg, 2, train, str(out), timeout=600)
+    assert [json.loads((out / f"first{r}.json").read_text()) for r in range(2)] == [0, 0]
+    leg1 = out / "elastic" / "checkpoints" / f"step_{LEG_STEPS:08d}"
+    # Copies of the first leg for the old-format and changed-batch resumes.
+    import shutil
+
+    for name in ("old_format", "other_batch"):
+        shutil.copytree(out / "elastic", out / name)
+    old = out / "old_format" / "checkpoints" / leg1.name / "mp_rank_00_model_states.pt"
+    state = checkpoint_state(old.parent)
+    assert state["data"]["version"] == 2
+    state["data"] = [{"num_batches": LEG_STEPS, "workers": [[0, 18]]}] * 2  # as the per-rank loader saved it
+    torch.save(state, old)
+
+    deepspeed = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "3",
+        f"--master_port={free_port()}",
+    ]
+    command = _elastic_command(train, str(out / "elastic"), 3, 0, 2 * LEG_STEPS)
+    proc = subprocess.run(
+        [*deepspeed, "launch/train.py", *command, "--resume", "latest"], cwd=REPO, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    other = write_train_shards(tmp_path / "other", [20, 9], seed=5, first_key=10_000)
+    run_ranks(_one_process_runs, 1, train, str(out), str(other), timeout=900)
+    assert json.loads((out / "one_process.json").read_text()) == [0, 0, 0, 0, 0]
+
+    elastic, whole = out / "elastic", out / "whole"
+    log_text = (elastic / "train.log").read_text()
+    assert "global batch" not in log_text and "restarts" not in log_text, log_text
+    for step in (LEG_STEPS, 2 * LEG_STEPS, 3 * LEG_STEPS):
+        tag = f"step_{step:08d}"
+        ours, theirs = (
+            checkpoint_state(elastic / "checkpoints" / tag),
+            checkpoint_state(whole / "checkpoints" / tag),
+        )
+        assert ours["data"] == theirs["data"], tag
+    torch.testing.assert_close(losses(elastic), losses(whole), rtol=1e-5, atol=0)
+    expected, actual = load_file(whole / "model.safetensors"), load_file(elastic / "model.safetensors")
+    start = load_file(leg1 / "model.safetensors")
+    assert max((expected[k] - start[k]).abs().max() for k in expected) > 1e-4, "the later legs' steps count"
+    for key in expected:
+        # The ranks sum the batch's gradient in another order, so weights differ by rounding: about 3e-7
+        # here. Attention's key bias has no true gradient (softmax ignores a constant added to every
+        # key's score), so AdamW steps it by normalised rounding noise: up to 2e-6 in 9 steps. One
+        # other sample in one batch moves weights by some 1e-4 (lr 1e-3).
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-5, msg=key)
+
+    old_log = (out / "old_format" / "train.log").read_text()
+    assert old_log.count("written before the elastic data order") == 1, old_log
+    assert (
+        checkpoint_state(out / "old_format" / "checkpoints" / f"step_{LEG_STEPS + 2:08d}")["data"]["version"]
+        == 2
+    )
+    other_log = (out / "other_batch" / "train.log").read_text()
+    assert "the global batch is 8 samples, the checkpoint's 12" in other_log, other_log
+    assert len(losses(out / "other_batch")) == LEG_STEPS + 2
+    mix_log = (out / "mix" / "train.log").read_text()
+    assert f"source {train}: 8 samples/step (weight 0.7), 100 samples" in mix_log, mix_log
+    assert f"source {other}: 4 samples/step (weight 0.3), 29 samples" in mix_log, mix_log

@@ -1,12 +1,13 @@
 """Truncated and corrupt tars in training: the exact number of lost samples, in metrics.jsonl and the log,
-the same whether the run was interrupted and resumed or not.
+the same whether the run was interrupted and resumed (on another number of loader workers) or not.
 
-Every shard is damaged the same way, so the count after any number of batches is known in closed form
-whichever shard a loader slot reads: sizes.json promises 10 samples; sample 3's image is corrupt; the
-tar is cut off inside sample 8. webdataset yields a sample only once the next one starts, so sample 7
-goes down with 8 and 9: three samples lost to one tar error. That is 6 good samples and 4 lost per shard.
-Each of the 4 loader slots reads 2 shards an epoch, so a resumed slot's replay of its epoch passes damage
-that the interrupted run had already counted.
+Every shard is damaged the same way, so the count after any number of steps is known in closed form:
+sizes.json promises 10 samples; sample 3's image is corrupt; the tar is cut off inside sample 8, and the
+tar reader gives samples 0 to 6 (the cut falls where sample 7's last member is incomplete): 3 samples
+lost to the cut, 1 undecodable, 6 good. With 8 streams over 8 shards of 10, each stream's range in an
+epoch is one whole shard, read as one block (no shuffle), and it gives one sample a step to the global
+batch of 8 (2 ranks x 4). So every stream starts an epoch every 7 steps, its 3 lost samples counted
+with its first sample, its undecodable one at its 4th (stood in for by the 5th).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tests.conftest import COLORS, REPO, color_jpeg, run_ranks
 from tests.test_resume import launch_main
 
 pytestmark = pytest.mark.slow
-NUM_SHARDS, NUM_PROMISED, NUM_GOOD, NUM_LOST = 8, 10, 6, 4
+NUM_SHARDS, NUM_PROMISED, NUM_READ, NUM_LOST = 8, 10, 7, 3
 BATCH, NUM_STEPS, SIGNAL_STEP = 4, 10, 4
 
 
@@ -50,20 +51,12 @@ def write_damaged_shards(folder: Path) -> Path:
     return folder
 
 
-def lost_after(num_given: int) -> int:
-    """Samples one loader slot has counted as lost once it has given out `num_given` good ones."""
-    num_shards_done, num_into_shard = divmod(num_given, NUM_GOOD)
-    if num_into_shard == 0:  # the last shard's cut-off end is found only when the next sample is asked for
-        return max(0, NUM_LOST * num_shards_done - 3)
-    return NUM_LOST * num_shards_done + (
-        1 if num_into_shard > 3 else 0
-    )  # sample 3 comes before the 4th good one
-
-
-def expected_lost(step: int) -> int:
-    # 2 ranks x 2 workers; a rank's workers take turns, worker 0 first.
-    per_rank = lost_after(BATCH * ((step + 1) // 2)) + lost_after(BATCH * (step // 2))
-    return 2 * per_rank
+def expected_lost(num_steps: int) -> int:
+    """Samples lost by all 8 streams in their first `num_steps` steps: 3 at the first sample of each
+    epoch (steps 1, 8, 15, ...), 1 at the 4th (steps 4, 11, ...)."""
+    num_epochs_started = -(-num_steps // NUM_READ)
+    num_undecodable = (num_steps + NUM_READ - 4) // NUM_READ
+    return NUM_SHARDS * (NUM_LOST * num_epochs_started + num_undecodable)
 
 
 def _runs(rank: int, world_size: int, train: str, out: str) -> None:
@@ -75,7 +68,7 @@ def _runs(rank: int, world_size: int, train: str, out: str) -> None:
     main = launch_main()
     command = [
         "--config", str(REPO / "configs" / "tiny_test.yaml"), f"data.train={train}", "eval.sets=[]",
-        "data.num_workers=2", "data.shuffle_buffer=0", f"data.batch_size={BATCH}", f"run.steps={NUM_STEPS}",
+        "data.shuffle_buffer=0", "data.num_streams=8", f"data.batch_size={BATCH}", f"run.steps={NUM_STEPS}",
         "run.log_every=1", "run.threads_per_rank=1", "run.checkpoint_every=1000",
     ]  # fmt: skip
     real_lr_at = clip_pipe.train.lr_at
@@ -88,14 +81,14 @@ def _runs(rank: int, world_size: int, train: str, out: str) -> None:
 
         clip_pipe.train.lr_at = lr_at
     interrupted = [*command, f"run.out_dir={out}/resumed"]
-    statuses = [main(interrupted)]
+    statuses = [main([*interrupted, "data.num_workers=2"])]
     clip_pipe.train.lr_at = real_lr_at
-    statuses.append(main([*interrupted, "--resume", "latest"]))
+    statuses.append(main([*interrupted, "data.num_workers=1", "--resume", "latest"]))
     Path(out, f"status{rank}.json").write_text(json.dumps(statuses))
 
 
 def test_lost_samples_are_counted_exactly_across_a_resume(tmp_path):
-    assert [lost_after(n) for n in (3, 4, 6, 7, 10, 12, 13)] == [0, 1, 1, 4, 5, 5, 8]  # the formula itself
+    assert [expected_lost(n) for n in (1, 3, 4, 7, 8, 10, 11)] == [24, 24, 32, 32, 56, 56, 64]  # the formula
     train = write_damaged_shards(tmp_path / "train")
     out = tmp_path / "runs"
     out.mkdir()
@@ -103,9 +96,8 @@ def test_lost_samples_are_counted_exactly_across_a_resume(tmp_path):
     for rank in range(2):
         assert json.loads((out / f"status{rank}.json").read_text()) == [3, 0]
     expected = [expected_lost(step) for step in range(1, NUM_STEPS + 1)]
-    assert expected[-1] == 2 * (lost_after(20) + lost_after(20)) == 48
-    # Steps 1-5 were logged before the stop, 6-10 after the resume, which re-read the damage before its
-    # checkpoint's place in the data without counting it again.
+    # Steps 1-5 were logged before the stop (2 loader workers a rank), 6-10 after the resume (1 worker),
+    # which re-read the damage before its checkpoint's place in the data without counting it again.
     records = [json.loads(line) for line in (out / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["num_skipped"] for r in records if "loss" in r] == expected
     log = (out / "resumed" / "train.log").read_text()

@@ -13,7 +13,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from clip_pipe.config import ImageSslConfig, LossConfig, ModelConfig, load_config
-from clip_pipe.data import ImageTextStream, LoaderPosition, list_shards
 from clip_pipe.data.augment import TrainAugment
 from clip_pipe.data.views import TwoViews
 from clip_pipe.losses import ClipLoss, build_loss
@@ -235,8 +234,11 @@ def test_two_views_are_random_but_seeded_and_configurable():
 def test_stream_views_come_from_one_decode_and_resume_exactly(color_shards, monkeypatch):
 
     import clip_pipe.data.stream
+    from clip_pipe.config import SourceConfig
+    from clip_pipe.data import StreamPositions, build_stream, list_sources
+    from clip_pipe.data.order import OrderSpec
 
-    shards = list_shards([str(color_shards)])
+    sources = list_sources([SourceConfig([str(color_shards)])])
     tokenizer = open_clip.get_tokenizer("clip-pipe-test")
     augment = TrainAugment(16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     views = TwoViews(ImageSslConfig(), PREPROCESS_CFG)
@@ -250,30 +252,32 @@ def test_stream_views_come_from_one_decode_and_resume_exactly(color_shards, monk
 
     monkeypatch.setattr(clip_pipe.data.stream, "decode_uint8", counting_decode)
 
-    def batches(with_views=True, start=None, num_batches=12):
-        stream = ImageTextStream(
-            shards, 6, augment, tokenizer, 1, 2, seed=3, shuffle_buffer=12, start=start,
-            views=views if with_views else None,
+    def batches(with_views=True, rank=0, world_size=1, saved=None, step=0, num_batches=12):
+        stream, _ = build_stream(
+            sources, 12, augment, tokenizer, rank, world_size, num_streams=6, seed=3, shuffle_buffer=12,
+            saved=saved, step=step, views=views if with_views else None,
         )  # fmt: skip
         return list(itertools.islice(iter(stream), num_batches))
 
     full = batches()
-    assert num_decodes == 12 * 6, "each image decoded once, however many views"
-    assert all(b["views"].shape == (6, 2, 3, 16, 16) for b in full)
+    assert num_decodes == 12 * 12, "each image decoded once, however many views"
+    assert all(b["views"].shape == (12, 2, 3, 16, 16) for b in full)
     assert not torch.equal(full[0]["views"][:, 0], full[0]["views"][:, 1])
     # The views draw after the main augmentation: the images are those of a run without views.
     plain = batches(with_views=False)
     assert "views" not in plain[0]
     for ours, theirs in zip(full, plain, strict=True):
         torch.testing.assert_close(ours["images"], theirs["images"], rtol=0, atol=0)
-    # Resumed from a saved position: the same samples, with the same views.
-    position = LoaderPosition.start(0)
+    # Resumed from a checkpoint's positions as rank 1 of 2: its half of the same samples, same views.
+    positions = StreamPositions({}, -1)
     for batch in full[:5]:
-        position.advance(batch)
-    resumed = batches(start=position, num_batches=7)
+        positions.advance(batch)
+    specs = [OrderSpec(sources[0].name, [s.num_samples for s in sources[0].shards], 1.0)]
+    saved = StreamPositions.merge([positions.to_list()], specs, [6], 3, 12).to_dict()
+    resumed = batches(rank=1, world_size=2, saved=saved, step=5, num_batches=7)
     for ours, theirs in zip(resumed, full[5:], strict=True):
-        assert ours["keys"] == theirs["keys"]
-        torch.testing.assert_close(ours["views"], theirs["views"], rtol=0, atol=0)
+        assert ours["keys"] == theirs["keys"][6:]
+        torch.testing.assert_close(ours["views"], theirs["views"][6:], rtol=0, atol=0)
 
 
 def test_head_trains_with_the_model_but_is_left_out_of_the_open_clip_export(tmp_path):

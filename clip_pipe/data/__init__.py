@@ -1,9 +1,10 @@
 """The training data path, one stage a file, in the order a sample flows:
 
-sources.py   data.train -> shards with their sample counts (folders, brace patterns, '::', URLs, pipe:)
+sources.py   data.train / data.sources -> weighted sources of shards with their sample counts (folders,
+             brace patterns, '::', URLs, pipe:)
+order.py     the elastic global order: streams, blocks, the batch layout, each slot's share; positions
 open.py      shard URL -> samples: local, fsspec (s3, gs), http(s), pipe:; fetched ahead, retried
 cache.py     the optional bounded local cache of remote shards
-order.py     which shards each loader slot reads, epoch by epoch; the resumable position
 tar.py       the lean tar reader
 decode.py    header sizes, the pixel limit, uint8 decode (JPEGs at a reduced scale where the crop allows)
 augment.py   the training crop (per sample) and normalisation (per batch); views.py the SSL views
@@ -13,24 +14,33 @@ stream.py    ImageTextStream and batch_loader: stages -> batches -> the trainer
 from clip_pipe.data.cache import ShardCache
 from clip_pipe.data.decode import IMAGE_EXTENSIONS, decode_image, decode_uint8
 from clip_pipe.data.open import Retry, ShardReader, ShardUnavailable, shard_reader
-from clip_pipe.data.order import LoaderPosition, SlotPosition, assign_shards
-from clip_pipe.data.sources import Shard, expand, list_shards
+from clip_pipe.data.order import (
+    DataOrder,
+    LoaderState,
+    OrderSpec,
+    StreamPosition,
+    StreamPositions,
+    resume_order,
+)
+from clip_pipe.data.sources import Shard, Source, expand, list_shards, list_sources
 from clip_pipe.data.stream import (
     CachedTokenizer,
     ImageTextStream,
     Prefetcher,
     SampleErrors,
+    TarBlocks,
     batch_loader,
-    epoch_samples,
-    slot_samples,
+    build_stream,
 )
 from clip_pipe.data.tar import TarError, tar_samples
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "CachedTokenizer",
+    "DataOrder",
     "ImageTextStream",
-    "LoaderPosition",
+    "LoaderState",
+    "OrderSpec",
     "Prefetcher",
     "Retry",
     "SampleErrors",
@@ -38,16 +48,19 @@ __all__ = [
     "ShardCache",
     "ShardReader",
     "ShardUnavailable",
-    "SlotPosition",
+    "Source",
+    "StreamPosition",
+    "StreamPositions",
+    "TarBlocks",
     "TarError",
-    "assign_shards",
     "batch_loader",
+    "build_stream",
     "decode_image",
     "decode_uint8",
-    "epoch_samples",
     "expand",
     "list_shards",
+    "list_sources",
+    "resume_order",
     "shard_reader",
-    "slot_samples",
     "tar_samples",
 ]

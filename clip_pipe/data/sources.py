@@ -290,3 +290,24 @@ def _parse_json(raw: bytes, url: str):
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exn:
         raise ValueError(f"{url}: not valid JSON ({exn})") from None
+
+
+@dataclass(frozen=True)
+class Source:
+    """A weighted set of shards. `name` (its shard sets, joined with '::') finds its streams' places in
+    a checkpoint."""
+
+    name: str
+    shards: list[Shard]
+    weight: float
+
+
+def list_sources(configs: list, timeout_s: float = 30.0) -> list[Source]:
+    """`data.source_list` (entries with `train`, `weight` and `num_samples`) -> sources with their shards."""
+    sources = [
+        Source("::".join(c.train), list_shards(c.train, c.num_samples, timeout_s), c.weight) for c in configs
+    ]
+    names = [s.name for s in sources]
+    if len(set(names)) < len(names):
+        raise ValueError(f"data.sources names the same shard sets twice: {names}")
+    return sources

@@ -1,16 +1,15 @@
-"""WebDataset shards -> batches, as an explicit list of stages.
+"""Shards -> batches, as an explicit list of stages, in the order of `order.py`:
 
-    shard order (per rank and worker) -> tar samples -> shuffle buffer -> decode -> batch
+    the slot's streams (order.py) -> tar blocks (TarBlocks, through ShardReader) -> decode and crop at
+    the slot's positions -> one piece per step -> the rank's batch (a piece from each worker, joined)
 
-A job hangs if one rank runs out of batches while the others wait in a collective, and webdataset's
-round-robin `split_by_node`/`split_by_worker` give ranks unequal counts whenever shards don't divide
-evenly. So each loader slot (a worker of a rank) reads an endless stream: epoch after epoch of its share
-of the shards, reshuffled each epoch. Every rank then yields exactly as many batches as the trainer asks
-for, however uneven the shards are. When there are fewer shards than slots, slots share a shard and
-each keeps every k-th sample of it, so an epoch still sees each sample once.
+A loader slot is a worker of a rank (or, with `data.num_workers: 0`, the rank's prefetch thread). It
+fills a contiguous run of positions of every global batch, reading only the streams that reach them,
+so the global batch at step t is the same whatever the ranks and workers (docs/design.md, "The elastic
+order"). Every slot gives exactly one piece a step, however uneven the shards, so no rank runs dry.
 
-Each batch says where its slot stands (epoch, samples read), so a checkpoint can hold every slot's
-position and a resumed run can carry on at the very next sample (`LoaderPosition`, `slot_samples`).
+Each batch says where each stream it read stands after it (`positions`), so the trainer can hold every
+stream's place and a resumed run carries on at the very next sample (`StreamPositions`).
 """
 
 from __future__ import annotations
@@ -23,30 +22,41 @@ import random
 import signal
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip_pipe.data.augment import TrainAugment
-from clip_pipe.data.decode import decode_for_crop, decode_uint8
+from clip_pipe.data.decode import CropSource, decode_for_crop, decode_uint8
 from clip_pipe.data.open import ShardReader
-from clip_pipe.data.order import LoaderPosition, SlotPosition, assign_shards, seed_of
-from clip_pipe.data.sources import Shard
+from clip_pipe.data.order import (
+    SAMPLE_AUGMENT,
+    DataOrder,
+    Item,
+    OrderSpec,
+    Piece,
+    Resume,
+    Segment,
+    StreamPosition,
+    resume_order,
+    seed_of,
+    slot_pieces,
+    slot_range,
+)
+from clip_pipe.data.sources import Shard, Source
 from clip_pipe.data.tar import TarError
 
 log = logging.getLogger(__name__)
 
+# A sample that cannot be decoded is stood in for by the next one of its stream that can; past this
+# many in a row the shards are not image-text data, and the run stops with that message.
+MAX_STAND_IN_SEARCH = 10_000
+
 
 class SampleErrors:
-    """Counts samples lost to unreadable tars or undecodable images (per loader worker).
-
-    A truncated or corrupt tar loses samples without one error each (or any), so tar errors are only
-    logged, and a shard's lost samples are counted when it ends: those sizes.json promised, less those
-    read (`missing`). Undecodable samples are counted one by one (`__call__`).
-    """
+    """Counts samples lost to undecodable data (the eval sets' reader)."""
 
     def __init__(self):
         self.num_skipped = 0
@@ -56,176 +66,214 @@ class SampleErrors:
         log.warning("skipping unreadable sample: %r", exn)
         return True  # keep going
 
-    def tar_error(self, exn: Exception) -> bool:
-        log.warning("unreadable tar data: %r", exn)
-        return True
 
-    def missing(self, url: str, num_missing: int) -> None:
-        if num_missing > 0:
-            self.num_skipped += num_missing
-            log.warning(
-                "%s: %d samples unreadable (a truncated or corrupt tar, or a failed fetch)", url, num_missing
-            )
+class TarBlocks:
+    """Reads a stream's blocks from tar shards through `ShardReader`: order.py's `BlockReader`.
 
-
-def epoch_samples(
-    shards: list[Shard],
-    slot: int,
-    num_slots: int,
-    seed: int,
-    epoch: int,
-    errors: SampleErrors,
-    reader: ShardReader | None = None,
-) -> Iterator[dict]:
-    """One epoch of raw samples (dicts of bytes) for one loader slot, in shard order, unshuffled."""
-    reader = reader or ShardReader()
-    pieces = assign_shards(len(shards), slot, num_slots, seed, epoch)
-    # This epoch's shards, then the next epoch's first: remote ones arrive while the ones before are read.
-    following = assign_shards(len(shards), slot, num_slots, seed, epoch + 1)[:2]
-    reader.prefetch([shards[i].url for i, _, _ in pieces + following])
-    for shard_index, part, num_parts in pieces:
-        shard, num_read = shards[shard_index], 0
-        try:
-            for i, sample in enumerate(reader.samples(shard.url)):
-                if i % num_parts == part:
-                    num_read += 1
-                    yield sample
-        except (OSError, TarError) as exn:  # the samples after it are lost, and counted just below
-            errors.tar_error(exn)
-        errors.missing(shard.url, len(range(part, shard.num_samples, num_parts)) - num_read)
-
-
-def slot_samples(
-    shards: list[Shard],
-    slot: int,
-    num_slots: int,
-    seed: int,
-    errors: SampleErrors,
-    shuffle_buffer: int = 0,
-    start: SlotPosition | None = None,
-    reader: ShardReader | None = None,
-) -> Iterator[tuple[SlotPosition, dict]]:
-    """An endless stream of (position after this sample, raw sample) for one loader slot.
-
-    Exact resume replays rather than stores: an epoch's order (shards, then the shuffle buffer, seeded
-    by seed, slot and epoch alone) is a pure function of those numbers, so a resumed slot re-reads its
-    current epoch and drops the `start.num_read` samples it already gave out, without decoding them.
-    Storing the shuffle buffer's sample keys instead would save nothing: tars have no index, so the
-    buffered samples' bytes would have to be re-read from the same shards anyway. The buffer drains at
-    each epoch's end so that no epoch's order depends on the one before, and replay never reaches
-    further back than the start of the current epoch.
+    The shard being read stays open from one block to the next, so a stream reads each shard once,
+    front to back; a block that starts mid-shard (a stream's first, or a resumed one) reads the shard
+    from its start and drops the samples before the block, without decoding them. A shard that stops
+    being readable (truncated, corrupt, missing) gives what it had; the promised samples from there on
+    are lost, counted once by the stream (order.py) and logged once per shard here.
     """
-    start = start or SlotPosition()
-    reader = reader or ShardReader()  # one per slot: its fetches run ahead across shards and epochs
-    num_empty_epochs, num_skipped_before = 0, errors.num_skipped
-    for epoch in itertools.count(start.epoch):
-        samples = epoch_samples(shards, slot, num_slots, seed, epoch, errors, reader)
-        if shuffle_buffer > 1:
-            rng = random.Random(seed_of(seed, slot, epoch))
-            samples = wds.shuffle(shuffle_buffer, shuffle_buffer // 4, rng=rng)(samples)
-        num_read = 0
-        for sample in samples:
-            num_read += 1
-            if epoch == start.epoch and num_read <= start.num_read:
-                if num_read == start.num_read:
-                    # The run that saved `start` counted every sample lost before this one already.
-                    errors.num_skipped = num_skipped_before
-                continue  # given out before the checkpoint
-            yield SlotPosition(epoch, num_read), sample
-        num_empty_epochs = 0 if num_read else num_empty_epochs + 1
-        if num_empty_epochs >= 10:
-            raise RuntimeError(f"loader slot {slot} read no samples in 10 epochs; are the shards readable?")
+
+    def __init__(self, shards: list[Shard], reader: ShardReader, unreadable: dict[int, int] | None = None):
+        self.shards, self.reader = shards, reader
+        self._open: tuple[int, int, Iterator[dict]] | None = None  # shard, index of its next sample, samples
+        self._unreadable = {} if unreadable is None else unreadable  # shard -> its first unreadable sample
+        self._hinted: list[int] = []
+
+    def fork(self) -> TarBlocks:
+        return TarBlocks(self.shards, self.reader, self._unreadable)
+
+    def __call__(self, segments: list[Segment], upcoming: list[int]) -> tuple[list[dict], int]:
+        if upcoming != self._hinted:  # the remote reader fetches these ahead
+            self.reader.prefetch([self.shards[s].url for s in upcoming])
+            self._hinted = upcoming
+        samples: list[dict] = []
+        num_lost = 0
+        for shard, first, end in segments:
+            num_lost += end - first - self._read(shard, first, end, samples)
+        return samples, num_lost
+
+    def _read(self, shard: int, first: int, end: int, out: list[dict]) -> int:
+        if first >= self._unreadable.get(shard, end):
+            return 0
+        if self._open is not None and self._open[:2] == (shard, first):
+            _, index, samples = self._open
+        else:
+            self.close()
+            index, samples = 0, self.reader.samples(self.shards[shard].url)
+        self._open, num_read, why = None, 0, "it ends early"
+        try:
+            while index < end:
+                sample = next(samples, None)
+                if sample is None:
+                    break
+                if index >= first:
+                    out.append(sample)
+                    num_read += 1
+                index += 1
+        except (OSError, TarError) as exn:
+            why = repr(exn)
+        if index < end:
+            samples.close()
+            self._unreadable[shard] = index
+            url, size = self.shards[shard].url, self.shards[shard].num_samples
+            log.warning("%s: samples %d to %d of %d unreadable (%s)", url, index, size - 1, size, why)
+        else:
+            self._open = (shard, index, samples)
+        return num_read
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[2].close()
+            self._open = None
 
 
 class ImageTextStream(IterableDataset):
-    """Endless batches {images (B,3,H,W), texts (B,L), num_skipped, keys, worker, position} for one rank.
+    """One rank's batches as pieces, one per step and loader slot: {images (n,3,H,W), texts (n,L),
+    keys, num_skipped, step, positions}, where n is the slot's share of the rank's batch.
 
-    Per sample: decode to a uint8 tensor and crop it (`augment.crop`); per batch: convert and normalise
-    (`augment.collate`) and tokenize. `start` resumes exactly where a `LoaderPosition` saved from an
-    earlier run of the same stream (same shards, seed, batch size, ranks and workers) left off. `views`, if given, maps each decoded
-    image to extra augmented views (V, 3, H, W), batched as `views` (B, V, 3, H, W); it draws after the
-    crop, so `images` have the same crop boxes with or without it (with views the image is decoded in
-    full for them, so where a JPEG would be decoded at a reduced scale its crop's pixels differ slightly).
+    Per sample: decode to a uint8 tensor and crop it (`augment.crop`); per piece: convert and normalise
+    (`augment.collate`) and tokenize. `start` (stream -> position) and `step` resume exactly where a
+    checkpoint's `LoaderState` left off, on any number of ranks and workers. `views`, if given, maps each
+    decoded image to extra augmented views (V, 3, H, W), batched as `views` (n, V, 3, H, W); it draws
+    after the crop, so `images` are the same with or without it.
+
+    A sample that cannot be decoded is counted in `num_skipped` and its place taken by the next sample
+    of its stream that can be (a duplicate): the slot's other positions, and every other slot's, are
+    the same as if it had decoded.
     """
 
     def __init__(
         self,
-        shards: list[Shard],
-        batch_size: int,
+        order: DataOrder,
+        shards: list[list[Shard]],
         augment: TrainAugment,
         tokenizer: Callable,
         rank: int,
         world_size: int,
-        seed: int,
-        shuffle_buffer: int,
-        start: LoaderPosition | None = None,
+        start: Mapping[tuple[int, int], StreamPosition] | None = None,
+        step: int = 0,
         views: Callable | None = None,
         reader: ShardReader | None = None,
     ):
         super().__init__()
         self.reader = reader  # each loader worker gets its own copy (pickled), its threads start there
-        self.shards, self.batch_size = shards, batch_size
+        assert len(shards) == len(order.sources)
+        self.order, self.shards = order, shards
         self.augment, self.tokenizer = augment, CachedTokenizer(tokenizer)
         self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.start, self.views = start, views
+        self.start, self.step, self.views = dict(start or {}), step, views
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        start = self.start or LoaderPosition.start(num_workers)
-        assert len(start.workers) == num_workers, "resume with the loader's saved number of workers"
-        # A DataLoader takes batches from its workers round-robin, starting at worker 0. After
-        # `num_batches` batches the next one is due from worker num_batches % num_workers, so a fresh
-        # DataLoader's worker 0 plays that worker's part (and its slot), and the order carries on.
-        worker = (worker + start.num_batches) % num_workers
-        slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
-        errors = SampleErrors()
-        samples = slot_samples(
-            self.shards, slot, num_slots, self.seed, errors, self.shuffle_buffer, start.workers[worker],
-            copy.copy(self.reader) if self.reader else None,
-        )  # fmt: skip
+        lo, hi = slot_range(self.order.layout.global_batch, self.world_size, num_workers, self.rank, worker)
+        reader = copy.copy(self.reader) if self.reader else ShardReader()
+        unreadable: list[dict[int, int]] = [{} for _ in self.shards]  # per source, shared by its streams
+        streams = self.order.streams(
+            lo, hi, self.start, lambda i: TarBlocks(self.shards[i], reader, unreadable[i])
+        )
+        by_name = {self.order.layout.streams[k]: stream for k, stream in streams.items()}
+        try:
+            for piece in slot_pieces(self.order.layout, lo, hi, streams, self.step):
+                yield self._piece(piece, by_name)
+        finally:
+            for stream in streams.values():
+                stream.read_block.close()
 
-        images, image_views, captions, keys, num_reported = [], [], [], [], 0
-        for position, sample in samples:
-            # The crop is drawn from a generator seeded by the sample's place in the stream alone, so a
-            # resumed run crops exactly as the uninterrupted one would.
-            sample_seed = seed_of(self.seed, slot, position.epoch, position.num_read)
-            rng = random.Random(sample_seed)
-            try:  # only what depends on the data: a bad sample is counted and skipped, never fatal
-                # The views need the whole image; the crop alone draws its box first and decodes
-                # only as finely as that box needs.
-                decoded = decode_uint8(sample) if self.views else decode_for_crop(sample, self.augment, rng)
-                caption = sample["txt"].decode("utf-8")
-            except Exception as exn:
-                errors(exn)
-                continue
-            # Outside the try: an error here is a bug in our code or config (every sample would hit it),
-            # and counting it as a skipped sample would make the loader spin forever instead of failing.
-            image = self.augment.crop(decoded, rng)
-            views = None
+    def _decode(self, sample: dict, seed: int, log_errors: bool) -> tuple[torch.Tensor | CropSource, str] | None:
+        """(the image, ready for `augment.crop` with a generator seeded by `seed`; the caption)."""
+        try:  # only what depends on the data: a bad sample is counted and stood in for, never fatal
+            # The views need the whole image; the crop alone draws its box first and decodes only as
+            # finely as that box needs.
+            if self.views:
+                image = decode_uint8(sample)
+            else:
+                image = decode_for_crop(sample, self.augment, random.Random(seed))
+            return image, sample["txt"].decode("utf-8")
+        except Exception as exn:
+            if log_errors:
+                log.warning(
+                    "unreadable sample %s in %s: %r", sample.get("__key__"), sample.get("__url__"), exn
+                )
+            return None
+
+    def _stand_in(self, item: Item, streams: Mapping, seed: int) -> tuple[dict, tuple[torch.Tensor, str]]:
+        """The next sample of `item`'s stream that decodes, and its decoded image and caption."""
+        source, stream = item.identity[:2]
+        following = streams[(source, stream)].samples_after(item.identity)
+        for sample in itertools.islice(following, MAX_STAND_IN_SEARCH):
+            decoded = self._decode(sample, seed, log_errors=False)
+            if decoded is not None:
+                return sample, decoded
+        raise ValueError(
+            f"{MAX_STAND_IN_SEARCH} samples in a row could not be decoded (from {item.sample.get('__url__')} "
+            "on): are these image-text shards?"
+        )
+
+    def _piece(self, piece: Piece, streams: Mapping) -> dict:
+        images, image_views, captions, keys, num_skipped = [], [], [], [], 0
+        for item in piece.items:
+            num_skipped += item.num_lost
+            # The crop is drawn from a generator seeded by the sample's place in the order alone, so a
+            # resumed run, or one on other ranks and workers, crops exactly as the uninterrupted one would.
+            sample_seed = seed_of(self.order.sources[0].seed, SAMPLE_AUGMENT, *item.identity)
+            sample, decoded = item.sample, self._decode(item.sample, sample_seed, log_errors=True)
+            if decoded is None:
+                num_skipped += 1
+                sample, decoded = self._stand_in(item, streams, sample_seed)
+            image, caption = decoded
+            # Outside the decode's try: an error here is a bug in our code or config (every sample would
+            # hit it), and counting it as a skipped sample would hide it.
+            images.append(self.augment.crop(image, random.Random(sample_seed)))
             if self.views:
                 # From the same decoded image: never decoded twice. torchvision's transforms draw from
                 # torch's CPU generator, seeded the same way for the same reason.
                 with _seeded_cpu_rng(sample_seed):
-                    views = self.views(decoded)
-            images.append(image)
-            if views is not None:
-                image_views.append(views)
+                    image_views.append(self.views(image))
             captions.append(caption)
             keys.append(sample["__key__"])
-            if len(images) == self.batch_size:
-                yield {
-                    "images": self.augment.collate(images),
-                    **({"views": torch.stack(image_views)} if image_views else {}),
-                    "texts": self.tokenizer(captions),
-                    "num_skipped": errors.num_skipped - num_reported,
-                    "keys": keys,
-                    "worker": worker,
-                    "position": (position.epoch, position.num_read),
-                }
-                num_reported = errors.num_skipped
-                images, image_views, captions, keys = [], [], [], []
+        return {
+            "images": self.augment.collate(images),
+            **({"views": torch.stack(image_views)} if image_views else {}),
+            "texts": self.tokenizer(captions),
+            "num_skipped": num_skipped,
+            "keys": keys,
+            "step": piece.step,
+            "positions": [(i, j, p.epoch, p.block, p.num_taken) for (i, j), p in piece.positions.items()],
+        }
+
+
+def build_stream(
+    sources: list[Source],
+    global_batch: int,
+    augment: TrainAugment,
+    tokenizer: Callable,
+    rank: int,
+    world_size: int,
+    *,
+    num_streams: int,
+    seed: int,
+    shuffle_buffer: int,
+    resampled: bool = False,
+    saved: dict | list | None = None,
+    step: int = 0,
+    views: Callable | None = None,
+    reader: ShardReader | None = None,
+) -> tuple[ImageTextStream, Resume]:
+    """One rank's stream of the order over `sources` (`data.*` settings), from step 0 or from a
+    checkpoint's data state `saved` at `step`; also where it starts (`Resume`, with lines to log)."""
+    specs = [OrderSpec(s.name, [shard.num_samples for shard in s.shards], s.weight) for s in sources]
+    start = resume_order(saved, specs, global_batch, num_streams, seed, step)
+    order = DataOrder.build(specs, global_batch, start.source_streams, start.seed, shuffle_buffer, resampled)
+    stream = ImageTextStream(
+        order, [s.shards for s in sources], augment, tokenizer, rank, world_size, start.positions, step, views,
+        reader,
+    )
+    return stream, start
 
 
 @contextmanager
@@ -262,13 +310,13 @@ class CachedTokenizer:
 
 
 def batch_loader(stream: ImageTextStream, num_workers: int) -> Iterable[dict]:
-    """Run `stream` in `num_workers` processes, or with 0 in a thread of this one; each worker is its
-    own loader slot."""
+    """The rank's batches: with `num_workers` 0 the stream runs in a thread of this process; otherwise
+    each of `num_workers` processes fills its part of every batch, and the parts are joined here."""
     if num_workers == 0:
         # Where worker processes would oversubscribe the cores (one rank per core), a thread still
         # overlaps loading with the step: decoding, cropping and the step's kernels release the GIL.
         return Prefetcher(stream, depth=2)
-    return DataLoader(
+    pieces = DataLoader(
         stream,
         batch_size=None,  # the stream batches itself
         num_workers=num_workers,
@@ -276,6 +324,35 @@ def batch_loader(stream: ImageTextStream, num_workers: int) -> Iterable[dict]:
         prefetch_factor=4,
         worker_init_fn=_default_signals,
     )
+    return RankBatches(pieces, num_workers)
+
+
+class RankBatches:
+    """Joins the pieces of one step from each worker into the rank's batch. A DataLoader takes from its
+    workers round-robin, worker 0 first, and every worker gives one piece a step, so each run of
+    `num_workers` consecutive pieces is one step's, in position order."""
+
+    def __init__(self, pieces: Iterable[dict], num_workers: int):
+        self.pieces, self.num_workers = pieces, num_workers
+
+    def __iter__(self) -> Iterator[dict]:
+        pieces = iter(self.pieces)
+        while True:
+            group = list(itertools.islice(pieces, self.num_workers))
+            if len(group) < self.num_workers:
+                return
+            assert len({p["step"] for p in group}) == 1, "each worker gives one piece a step"
+            batch = {
+                "images": torch.cat([p["images"] for p in group]),
+                "texts": torch.cat([p["texts"] for p in group]),
+                "num_skipped": sum(p["num_skipped"] for p in group),
+                "keys": [key for p in group for key in p["keys"]],
+                "step": group[0]["step"],
+                "positions": [position for p in group for position in p["positions"]],
+            }
+            if "views" in group[0]:
+                batch["views"] = torch.cat([p["views"] for p in group])
+            yield batch
 
 
 class Prefetcher:
