@@ -6,10 +6,13 @@
     clip-pipe report   RUN                 redraw RUN/report/index.html from the run's JSON
     clip-pipe serve    --checkpoint CKPT [--host 127.0.0.1] [--port 8000] [--token T | env CLIP_PIPE_TOKEN]
     clip-pipe export   --checkpoint CKPT [--format open_clip-hub] OUT
+    clip-pipe plan     --model NAME --gpus N --batch GLOBAL [--gpu H100-SXM] [--zero 1] [--samples N]
+                       [--checkpointing] [--patch-dropout F] [--lock-image] [--loss tiled|clip] [--json]
 
 CKPT is a run directory (its final model, else its latest checkpoint), a checkpoint directory, or a
 model file (model.safetensors, model.pt) with `open_clip_config.json` beside it. This module only parses
-arguments; the work is done by clip_pipe.classifier, clip_pipe.eval, clip_pipe.serve and clip_pipe.model.
+arguments; the work is done by clip_pipe.classifier, clip_pipe.eval, clip_pipe.serve, clip_pipe.model
+and clip_pipe.plan.
 """
 
 from __future__ import annotations
@@ -191,6 +194,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from clip_pipe.plan import Setup, format_plan, plan
+
+    setup = Setup(
+        model=args.model, num_gpus=args.gpus, global_batch=args.batch, gpu=args.gpu,
+        zero_stage=args.zero, precision=args.precision, loss=args.loss, tile_size=args.tile_size,
+        patch_dropout=args.patch_dropout, grad_checkpointing=args.checkpointing,
+        lock_image=args.lock_image, unlocked_image_layers=args.unlocked_image_layers,
+        lock_text=args.lock_text, num_samples=args.samples, utilisation=args.utilisation,
+        image_size=args.image_size, context_length=args.context_length, gpu_flops=args.gpu_flops,
+        gpu_memory_gib=args.gpu_memory_gib, network_gb_s=args.network_gb_s, reserve_gib=args.reserve_gib,
+        prep_cores=args.prep_cores, bytes_per_pair=args.bytes_per_pair,
+    )  # fmt: skip
+    result = plan(setup)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return 0
+
+
+def _count(text: str) -> int:
+    """An integer count, also written 1e9 or 12.8e9 (it must be whole)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clip_pipe.limits import TOKEN_ENV, ServeLimits
 
@@ -273,6 +305,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="state_dict: one file, safetensors if OUT ends in .safetensors, else a torch pickle; "
         "open_clip-hub: a folder open_clip loads as local-dir:OUT, with a model card",
     )
+
+    from clip_pipe.plan.planner import DEFAULT_BYTES_PER_PAIR, DEFAULT_TILE_SIZE, DEFAULT_UTILISATION
+
+    sub = commands.add_parser(
+        "plan", help="memory, traffic, time and GPU-days of a training setup, worked out on paper",
+        description="Per GPU: memory (parameters, gradients, optimizer state, DeepSpeed buffers, "
+        "activations, loss), bytes per step, step time and samples/s at a stated utilisation, the "
+        "largest batch that fits; the run's GPU-days; and the data prep's time and storage.",
+    )  # fmt: skip
+    sub.set_defaults(fn=cmd_plan)
+    sub.add_argument("--model", required=True, help="open_clip or clip-pipe model name, e.g. ViT-B-16")
+    sub.add_argument("--gpus", type=_count, required=True, help="number of GPUs (ranks)")
+    sub.add_argument("--batch", type=_count, required=True, help="global batch (all GPUs)")
+    sub.add_argument(
+        "--gpu", default="H100-SXM", help="A100-40GB, A100-80GB, A800-80GB, H100-SXM, H200, B200"
+    )
+    sub.add_argument("--zero", type=int, default=1, help="ZeRO stage, 0-3 (default 1)")
+    sub.add_argument("--precision", default="bf16", help="bf16 (default) or fp32")
+    sub.add_argument("--loss", default="tiled", help="tiled (clip-pipe's) or clip (open_clip's ClipLoss)")
+    sub.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE)
+    sub.add_argument("--samples", type=_count, default=0, help="samples seen in the run (e.g. 1e9)")
+    sub.add_argument("--patch-dropout", type=float, default=0.0, help="fraction of patches dropped")
+    sub.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    sub.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
+    sub.add_argument(
+        "--unlocked-image-layers", type=int, default=0, help="with --lock-image: top blocks left trainable"
+    )
+    sub.add_argument("--lock-text", action="store_true", help="freeze the text tower")
+    sub.add_argument(
+        "--utilisation", "--mfu", type=float, default=DEFAULT_UTILISATION,
+        help=f"fraction of bf16 peak sustained on executed FLOPs (default {DEFAULT_UTILISATION}, fitted to "
+        "open_clip's ViT-B/32 run on A100s)",
+    )  # fmt: skip
+    sub.add_argument("--image-size", type=int, help="override the model's image size")
+    sub.add_argument("--context-length", type=int, help="override the text context length")
+    sub.add_argument("--gpu-flops", type=float, help="override the GPU's bf16 peak, FLOP/s (e.g. 989e12)")
+    sub.add_argument("--gpu-memory-gib", type=float, help="override the GPU's memory")
+    sub.add_argument("--network-gb-s", type=float, help="override the collectives' bandwidth per GPU")
+    sub.add_argument("--reserve-gib", type=float, default=2.0, help="memory not for tensors (default 2)")
+    sub.add_argument("--prep-cores", type=int, default=64, help="CPU cores for data prep (default 64)")
+    sub.add_argument(
+        "--bytes-per-pair", type=int, default=DEFAULT_BYTES_PER_PAIR, help="shard bytes per pair"
+    )
+    sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
