@@ -191,6 +191,14 @@ def head_flops(tower: Tower) -> int:
     return 2 * tower.width * tower.embed_dim
 
 
+def recompute_flops(tower: Tower) -> int:
+    """One checkpointed block's recomputation: its forward pass without the MLP's output product,
+    unless LayerScale saves that product's output for its own gradient."""
+    if tower.layer_scale:
+        return block_flops(tower)
+    return block_flops(tower) - 2 * tower.num_tokens * tower.mlp_width * tower.width
+
+
 def forward_flops(tower: Tower) -> int:
     """Forward FLOPs of the whole tower for one sample."""
     return embed_flops(tower) + tower.num_layers * block_flops(tower) + head_flops(tower)
@@ -201,7 +209,8 @@ def train_flops(tower: Tower, num_trainable_layers: int | None = None, recompute
     gradient with respect to the input and to the weights) through the trainable top
     `num_trainable_layers` blocks (default: all, and the patch embedding's weight gradient, which
     needs no input gradient: the images have none). `recompute`: activation checkpointing runs
-    the trainable blocks' forward once more in the backward pass."""
+    the trainable blocks' forward once more in the backward pass, but the last product (torch's
+    non-reentrant checkpoint stops once every saved tensor is back; see `recompute_flops`)."""
     trainable_all = num_trainable_layers is None
     num_layers = tower.num_layers if trainable_all else num_trainable_layers
     flops = forward_flops(tower)
@@ -211,5 +220,5 @@ def train_flops(tower: Tower, num_trainable_layers: int | None = None, recompute
     if trainable_all:
         backward += embed_flops(tower)  # weight gradient only
     if recompute:
-        backward += num_layers * block_flops(tower)
+        backward += num_layers * recompute_flops(tower)
     return flops + backward

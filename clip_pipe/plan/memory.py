@@ -16,7 +16,7 @@ Sizes are bytes per GPU (per rank); counts of elements are named `num_*`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 from clip_pipe.plan.arch import Tower
 
@@ -33,20 +33,21 @@ MAX_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters: gathered para
 
 @dataclass(frozen=True)
 class Saved:
-    """Bytes autograd keeps for one sample: in the model's dtype, and always fp32 / int64."""
+    """Elements autograd keeps for one sample, by how they are stored."""
 
-    model: int = 0  # elements in the model's dtype (bf16: 2 bytes, fp32: 4)
-    fp32: int = 0  # norm statistics, attention log-sum-exps
+    model: int = 0  # in the model's dtype (bf16: 2 bytes, fp32: 4)
+    stats: int = 0  # LayerNorm means and 1/stds: fp32 on a GPU; on a CPU, the input's dtype
+    fp32: int = 0  # attention log-sum-exps
     int64: int = 0  # token ids, patch-dropout indices
 
-    def nbytes(self, dtype_bytes: int) -> int:
-        return self.model * dtype_bytes + self.fp32 * FP32 + self.int64 * INT64
+    def nbytes(self, dtype_bytes: int, stats_bytes: int = FP32) -> int:
+        return self.model * dtype_bytes + self.stats * stats_bytes + self.fp32 * FP32 + self.int64 * INT64
 
     def __add__(self, other: Saved) -> Saved:
-        return Saved(self.model + other.model, self.fp32 + other.fp32, self.int64 + other.int64)
+        return Saved(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     def __mul__(self, k: int) -> Saved:
-        return Saved(self.model * k, self.fp32 * k, self.int64 * k)
+        return Saved(*(a * k for a in astuple(self)))
 
 
 def block_saved(tower: Tower, num_tokens: int | None = None) -> Saved:
@@ -54,18 +55,19 @@ def block_saved(tower: Tower, num_tokens: int | None = None) -> Saved:
 
     Per token (width d, MLP width h), in the model's dtype:
       ln_1's input x (d) · in_proj's input, ln_1's output (d) · q, k, v: the contiguous copy of the
-      packed projection (3d), kept by the fused attention kernel · the kernel's output (d) · out_proj's
-      input, a contiguous copy of it (d) · ln_2's input, x + attention (d) · c_fc's input, ln_2's output
-      (d) · GELU's input (h) · c_proj's input, GELU's output (h).
+      packed projection (3d), kept by the fused attention kernel · the kernel's output (d), which is
+      also out_proj's input (the kernel writes it in the token-major layout out_proj reads, so
+      nn.MultiheadAttention's `.contiguous()` copies nothing) · ln_2's input, x + attention (d) ·
+      c_fc's input, ln_2's output (d) · GELU's input (h) · c_proj's input, GELU's output (h).
       QuickGELU, x·sigmoid(1.702x), keeps the sigmoid's output too (h); LayerScale keeps each branch's
       output (2d).
-    In fp32: each LayerNorm's mean and 1/std (2 × 2) and the kernel's log-sum-exp per head.
+    Statistics: each LayerNorm's mean and 1/std (2 × 2); in fp32, the kernel's log-sum-exp per head.
     A fused kernel (flash or memory-efficient; torch's CPU kernel too) never stores the n × n matrix.
     """
     n = tower.num_tokens if num_tokens is None else num_tokens
     d, h = tower.width, tower.mlp_width
-    per_token = 9 * d + 2 * h + (h if tower.quick_gelu else 0) + (2 * d if tower.layer_scale else 0)
-    return Saved(model=n * per_token, fp32=n * (4 + tower.num_heads))
+    per_token = 8 * d + 2 * h + (h if tower.quick_gelu else 0) + (2 * d if tower.layer_scale else 0)
+    return Saved(model=n * per_token, stats=4 * n, fp32=n * tower.num_heads)
 
 
 def block_backward_transient(tower: Tower) -> Saved:
@@ -83,27 +85,30 @@ def embed_saved(tower: Tower, patch_dropout: float = 0.0) -> Saved:
     n, d = tower.num_tokens, tower.width
     saved = Saved(model=tower.num_pixels)
     if tower.ln_pre:
-        saved += Saved(model=n * d, fp32=2 * n)
-    if patch_dropout > 0:
-        saved += Saved(int64=n - 1)
+        saved += Saved(model=n * d, stats=2 * n)
+    if patch_dropout > 0:  # the kept patches' indices, and each sample's row index
+        saved += Saved(int64=n)
     return saved
 
 
 def head_saved(tower: Tower) -> Saved:
     """After the blocks: the final LayerNorm and pooling, the projection's input, and the normalised
-    features (F.normalize keeps its input; the loss keeps its output).
+    features (F.normalize keeps its input and the norm; the loss keeps its output).
 
-    Whether the norm's output outlives the pooling depends on the pooling: a view (the class token,
-    the first or last token) keeps the whole (n, d) tensor alive; a mean or a gathered row does not.
+    Whether a tensor outlives the pooling depends on the pooling: a view (the class token, the first
+    or last token) keeps the whole (n, d) tensor it views alive; a mean or a gathered row does not.
+    open_clip's text tower always norms every token, then pools (its `final_ln_after_pool` is
+    honoured by the image tower only).
     """
     n, d, e = tower.num_tokens, tower.width, tower.embed_dim
     view_pool = tower.pool in ("tok", "first", "last")
-    if tower.final_ln_after_pool:  # pool, then norm one token
-        pooled = n * d if view_pool else 0  # a view keeps the last block's output alive
-        saved = Saved(model=pooled + 2 * d, fp32=2)
-    else:  # norm every token, then pool
-        kept = n * d if view_pool else d  # the norm's output, or the pooled row alone
-        saved = Saved(model=n * d + kept, fp32=2 * n)
+    if tower.name == "image" and tower.final_ln_after_pool:  # pool, then norm one token
+        # norm's input: the pooled row, a view of the last block's output, or a new mean (d)
+        saved = Saved(model=(n * d if view_pool else d) + d, stats=2)
+    else:  # norm every token, then pool: a view keeps the norm's output, an index copies one row
+        saved = Saved(model=n * d + (n * d if view_pool else d), stats=2 * n)
+        if tower.pool in ("argmax", "eos"):
+            saved += Saved(int64=2)  # the gather's row and column indices
     return saved + Saved(model=2 * e + 2)
 
 
@@ -131,7 +136,7 @@ def tower_activations(
         inputs = Saved(model=tower.num_tokens * tower.width)
         return TowerActivations(
             saved=embed + inputs * num_trainable_layers + head_saved(tower),
-            working=Saved(block.model - inputs.model, block.fp32) + transient,
+            working=Saved(block.model - inputs.model, block.stats, block.fp32) + transient,
         )
     return TowerActivations(saved=embed + block * num_trainable_layers + head_saved(tower), working=transient)
 

@@ -21,7 +21,7 @@ from clip_pipe.plan.gpus import GIB, Gpu, gpu, link_gb_s
 
 # Fitted by `bench/plan_check.py` to open_clip's ViT-B/32 (787-850 samples/s per A100-40GB, 128 GPUs,
 # 32k batch); tests/test_plan.py checks that the fit still gives this value.
-DEFAULT_UTILISATION = 0.117
+DEFAULT_UTILISATION = 0.118
 
 # Data prep, measured by `bench/prep.py` (docs/benchmarks.md, "Data prep against img2dataset"): 23.1 CPU
 # seconds for 10,000 images fetched from a local server, decoded, resized to 224 px, re-encoded at JPEG
@@ -164,8 +164,12 @@ class _Model:
     num_trainable: int
 
 
-def _model(setup: Setup) -> _Model:
-    cfg = arch_.model_cfg(setup.model, setup.image_size, setup.context_length)
+def _model(setup: Setup, model_cfg: dict | None = None) -> _Model:
+    cfg = (
+        arch_.model_cfg(setup.model, setup.image_size, setup.context_length)
+        if model_cfg is None
+        else model_cfg
+    )
     a = arch_.architecture(setup.model, cfg)
     image = a.image
     if setup.patch_dropout > 0:  # open_clip's PatchDropout keeps int(patches × keep) and the class token
@@ -227,9 +231,11 @@ def peak_memory(
     return phases[phase], phase, phases
 
 
-def plan(setup: Setup) -> Plan:
+def plan(setup: Setup, model_cfg: dict | None = None) -> Plan:
+    """The plan for `setup`; `model_cfg`: an open_clip architecture dict to use instead of the named
+    model's (a model of one's own, not registered under a name)."""
     g = resolve_gpu(setup)
-    m = _model(setup)
+    m = _model(setup, model_cfg)
     a, w, b = m.arch, setup.num_gpus, setup.num_local
     dtype_bytes = 2 if setup.precision == "bf16" else 4
 
@@ -247,7 +253,7 @@ def plan(setup: Setup) -> Plan:
     image_train = arch_.train_flops(m.image, trainable(m.image, m.image_layers))
     text_train = arch_.train_flops(m.text, trainable(m.text, m.text_layers))
     recompute = setup.grad_checkpointing * (
-        m.image_layers * arch_.block_flops(m.image) + m.text_layers * arch_.block_flops(m.text)
+        m.image_layers * arch_.recompute_flops(m.image) + m.text_layers * arch_.recompute_flops(m.text)
     )
     model_flops = image_train + text_train  # per sample, what MFU counts
     loss_flops = comms.loss_flops(setup.loss, b, w, a.embed_dim)
@@ -374,13 +380,13 @@ def _largest_batch(setup: Setup, m: _Model, capacity: float) -> dict:
     return {"num_local": low, "global_batch": low * setup.num_gpus}
 
 
-def fit_utilisation(setup: Setup, samples_per_s_per_gpu: float) -> float:
+def fit_utilisation(setup: Setup, samples_per_s_per_gpu: float, model_cfg: dict | None = None) -> float:
     """The utilisation at which `setup` runs at the given samples/s per GPU (bisection; samples/s grows
     with it). Raises ValueError if the exposed communication alone is too slow."""
     from dataclasses import replace
 
     def rate(u: float) -> float:
-        return plan(replace(setup, utilisation=u)).time["samples_per_s_per_gpu"]
+        return plan(replace(setup, utilisation=u), model_cfg).time["samples_per_s_per_gpu"]
 
     if rate(1.0) < samples_per_s_per_gpu:
         raise ValueError(f"{samples_per_s_per_gpu} samples/s is out of reach even at 100% of peak")
