@@ -319,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--gpus", type=_count, required=True, help="number of GPUs (ranks)")
     sub.add_argument("--batch", type=_count, required=True, help="global batch (all GPUs)")
     sub.add_argument(
-        "--gpu", default="H100-SXM", help="A100-40GB, A100-80GB, A800-80GB, H100-SXM, H200, B200"
-    )
+        "--gpu", default="H100-SXM",
+        help="A100-40GB, A100-80GB, A800-80GB, H100-SXM, H100-PCIe, H200, B200, or the name nvidia-smi reports",
+    )  # fmt: skip
     sub.add_argument("--zero", type=int, default=1, help="ZeRO stage, 0-3 (default 1)")
     sub.add_argument("--precision", default="bf16", help="bf16 (default) or fp32")
     sub.add_argument("--loss", default="tiled", help="tiled (clip-pipe's) or clip (open_clip's ClipLoss)")

@@ -31,7 +31,7 @@ from clip_pipe.plan import arch as A
 from clip_pipe.plan import comms as C
 from clip_pipe.plan import memory as M
 from clip_pipe.plan.gpus import GIB
-from clip_pipe.plan.planner import _model, peak_memory
+from clip_pipe.plan.planner import model_view, peak_memory
 
 TINY = {
     "embed_dim": 24,
@@ -84,7 +84,9 @@ def test_trainable_count_equals_open_clips_lock(num_unlocked):
     model.lock_image_tower(unlocked_groups=num_unlocked + 1 if num_unlocked else 0)
     model.lock_text_tower()
     setup = Setup("tiny", 1, 1, lock_image=True, unlocked_image_layers=num_unlocked, lock_text=True)
-    assert _model(setup, TINY).num_trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert model_view(setup, TINY).num_trainable == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------
@@ -270,7 +272,7 @@ def test_plan_adds_up():
 @pytest.mark.parametrize("loss", ["tiled", "clip"])
 def test_largest_batch_is_where_memory_runs_out(loss):
     setup = Setup("ViT-B-32", num_gpus=8, global_batch=8, gpu="A100-40GB", loss=loss)
-    p, m = plan(setup), _model(setup)
+    p, m = plan(setup), model_view(setup)
     largest = p.max_batch_per_gpu["num_local"]
     capacity = p.memory["capacity"]
     assert peak_memory(setup, m, largest)[0] <= capacity < peak_memory(setup, m, largest + 1)[0]
@@ -278,9 +280,22 @@ def test_largest_batch_is_where_memory_runs_out(loss):
 
 def test_default_utilisation_is_the_b32_fit():
     """open_clip's ViT-B/32 on 128 A100-40GB, 32k batch: 787-850 samples/s per GPU (DDP: gradients
-    reduced behind the backward pass)."""
-    setup = Setup("ViT-B-32", 128, 32768, gpu="A100-40GB", zero_stage=0, overlap_grad_comm=True)
+    reduced behind the backward pass; its ClipLoss)."""
+    setup = Setup("ViT-B-32", 128, 32768, gpu="A100-40GB", zero_stage=0, overlap_grad_comm=True, loss="clip")
     assert fit_utilisation(setup, (787 + 850) / 2) == pytest.approx(DEFAULT_UTILISATION, abs=0.0005)
+
+
+def test_gpu_by_table_key_or_nvidia_smi_name():
+    from clip_pipe.plan.gpus import gpu
+
+    assert gpu("h100-sxm").name == "H100-SXM" and gpu("NVIDIA H100 80GB HBM3").name == "H100-SXM"
+    assert gpu("NVIDIA H100 PCIe").name == "H100-PCIe" and gpu("NVIDIA H200").name == "H200"
+    assert gpu("NVIDIA A100-SXM4-80GB").name == "A100-80GB" and gpu("NVIDIA A100-SXM4-40GB").name == "A100-40GB"
+    with pytest.raises(ValueError, match="unknown GPU 'Tesla V100-SXM2-32GB'"):
+        gpu("Tesla V100-SXM2-32GB")
+    # another GPU, by its figures
+    p = plan(Setup("ViT-B-32", 8, 256, gpu="V100", gpu_flops=125e12, gpu_memory_gib=32))
+    assert p.gpu["bf16_flops"] == 125e12 and p.memory["capacity"] == 30 * GIB
 
 
 # --- CLI -----------------------------------------------------------------------------------------

@@ -31,17 +31,30 @@ GPUS = {
         Gpu("A100-80GB", 312e12, 80.0, 300, 25),
         Gpu("A800-80GB", 312e12, 80.0, 200, 25),
         Gpu("H100-SXM", 989e12, 79.65, 450, 50),
+        Gpu("H100-PCIe", 756e12, 79.65, 64, 50),  # no NVLink: PCIe 5.0 x16 inside the node
         Gpu("H200", 989e12, 140.4, 450, 50),
         Gpu("B200", 2250e12, 179.1, 900, 50),
     )
 }
 
 
+# nvidia-smi's names (`--query-gpu=name`), most specific first: "NVIDIA H100 80GB HBM3" -> H100-SXM.
+_DEVICE_NAMES = (
+    ("H200", "H200"), ("H100 PCIe", "H100-PCIe"), ("H100", "H100-SXM"), ("B200", "B200"),
+    ("A800", "A800-80GB"), ("A100-SXM4-80GB", "A100-80GB"), ("A100 80GB", "A100-80GB"),
+    ("A100-PCIE-80GB", "A100-80GB"), ("A100", "A100-40GB"),
+)  # fmt: skip
+
+
 def gpu(name: str) -> Gpu:
-    """The table's entry for `name` (case-insensitive)."""
+    """The table's entry for `name`: a key of the table (case-insensitive), or the name nvidia-smi
+    reports (`nvidia-smi --query-gpu=name --format=csv,noheader`)."""
     for key, value in GPUS.items():
         if key.lower() == name.lower():
             return value
+    for fragment, key in _DEVICE_NAMES:
+        if fragment.lower() in name.lower():
+            return GPUS[key]
     raise ValueError(
         f"unknown GPU {name!r}: known are {', '.join(GPUS)} "
         "(or give --gpu-flops and --gpu-memory-gib for another)"

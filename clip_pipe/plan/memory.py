@@ -141,6 +141,33 @@ def tower_activations(
     return TowerActivations(saved=embed + block * num_trainable_layers + head_saved(tower), working=transient)
 
 
+def backward_peak(
+    image: TowerActivations,
+    text: TowerActivations,
+    num_local: int,
+    dtype_bytes: int,
+    loss: int,
+    embedding_grad: int,
+    stats_bytes: int = FP32,
+) -> int:
+    """The most activation memory alive at once in a step, bytes per rank (the loss's included):
+
+    - at the top of the backward pass: everything saved, plus the loss's backward or one block's
+      backward working set, whichever is larger (they run one after the other);
+    - at the end of the text tower's backward, which autograd runs first (its nodes are newer): the
+      token embedding's gradient, a dense (vocab, width) tensor, made while the image tower's saved
+      tensors are all still alive.
+    """
+    saved = (
+        image.saved.nbytes(dtype_bytes, stats_bytes) + text.saved.nbytes(dtype_bytes, stats_bytes)
+    ) * num_local
+    working = max(
+        image.working.nbytes(dtype_bytes, stats_bytes), text.working.nbytes(dtype_bytes, stats_bytes)
+    )
+    image_saved = image.saved.nbytes(dtype_bytes, stats_bytes) * num_local
+    return max(saved + max(loss, working * num_local), image_saved + embedding_grad)
+
+
 # --- The loss ------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from clip_pipe.plan.gpus import GIB, Gpu, gpu, link_gb_s
 
 # Fitted by `bench/plan_check.py` to open_clip's ViT-B/32 (787-850 samples/s per A100-40GB, 128 GPUs,
 # 32k batch); tests/test_plan.py checks that the fit still gives this value.
-DEFAULT_UTILISATION = 0.118
+DEFAULT_UTILISATION = 0.120
 
 # Data prep, measured by `bench/prep.py` (docs/benchmarks.md, "Data prep against img2dataset"): 23.1 CPU
 # seconds for 10,000 images fetched from a local server, decoded, resized to 224 px, re-encoded at JPEG
@@ -164,7 +164,8 @@ class _Model:
     num_trainable: int
 
 
-def _model(setup: Setup, model_cfg: dict | None = None) -> _Model:
+def model_view(setup: Setup, model_cfg: dict | None = None) -> _Model:
+    """The model as `setup` trains it (`model_cfg`: an architecture dict instead of the named one)."""
     cfg = (
         arch_.model_cfg(setup.model, setup.image_size, setup.context_length)
         if model_cfg is None
@@ -196,16 +197,17 @@ def _model(setup: Setup, model_cfg: dict | None = None) -> _Model:
     return _Model(a, image, a.text, image_layers, text_layers, num_trainable)
 
 
-def activation_bytes(setup: Setup, m: _Model, num_local: int) -> tuple[int, int]:
-    """(saved through the step, largest working set of one block's backward), bytes per rank."""
-    dtype_bytes = 2 if setup.precision == "bf16" else 4
-    acts = [
+def activations(setup: Setup, m: _Model) -> tuple[memory.TowerActivations, memory.TowerActivations]:
+    """Per sample, image tower and text tower."""
+    return (
         memory.tower_activations(m.image, m.image_layers, setup.grad_checkpointing, setup.patch_dropout),
         memory.tower_activations(m.text, m.text_layers, setup.grad_checkpointing),
-    ]
-    saved = sum(a.saved.nbytes(dtype_bytes) for a in acts) * num_local
-    working = max(a.working.nbytes(dtype_bytes) for a in acts) * num_local
-    return saved, working
+    )
+
+
+def embedding_grad_bytes(setup: Setup, m: _Model) -> int:
+    """The token embedding's dense gradient, made at the end of the text tower's backward pass."""
+    return 0 if setup.lock_text else (2 if setup.precision == "bf16" else 4) * m.arch.num_token_embedding
 
 
 def loss_bytes(setup: Setup, num_local: int, embed_dim: int) -> int:
@@ -222,10 +224,14 @@ def peak_memory(
     states = memory.model_states(
         m.arch.num_params, m.num_trainable, setup.num_gpus, setup.zero_stage, setup.precision, touched_only
     )
-    saved, working = activation_bytes(setup, m, num_local)
+    image, text = activations(setup, m)
+    dtype_bytes = 2 if setup.precision == "bf16" else 4
     loss = loss_bytes(setup, num_local, m.arch.embed_dim)
-    # The loss runs, then each block's backward, while the saved activations are all alive.
-    extra = {"forward/backward": saved + max(loss, working)}
+    extra = {
+        "forward/backward": memory.backward_peak(
+            image, text, num_local, dtype_bytes, loss, embedding_grad_bytes(setup, m)
+        )
+    }
     phases = {name: states.resident + p.total + extra.get(name, 0) for name, p in states.phases.items()}
     phase = max(phases, key=phases.get)
     return phases[phase], phase, phases
@@ -235,7 +241,7 @@ def plan(setup: Setup, model_cfg: dict | None = None) -> Plan:
     """The plan for `setup`; `model_cfg`: an open_clip architecture dict to use instead of the named
     model's (a model of one's own, not registered under a name)."""
     g = resolve_gpu(setup)
-    m = _model(setup, model_cfg)
+    m = model_view(setup, model_cfg)
     a, w, b = m.arch, setup.num_gpus, setup.num_local
     dtype_bytes = 2 if setup.precision == "bf16" else 4
 
@@ -261,7 +267,9 @@ def plan(setup: Setup, model_cfg: dict | None = None) -> Plan:
 
     # --- memory
     states = memory.model_states(a.num_params, m.num_trainable, w, setup.zero_stage, setup.precision)
-    saved, working = activation_bytes(setup, m, b)
+    image_acts, text_acts = activations(setup, m)
+    saved = (image_acts.saved.nbytes(dtype_bytes) + text_acts.saved.nbytes(dtype_bytes)) * b
+    working = max(image_acts.working.nbytes(dtype_bytes), text_acts.working.nbytes(dtype_bytes)) * b
     loss = loss_bytes(setup, b, a.embed_dim)
     peak, phase, phases = peak_memory(setup, m, b)
     capacity = g.memory_gib * GIB - setup.reserve_gib * GIB
