@@ -12,6 +12,8 @@ everything else is counted.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -162,6 +164,11 @@ class _Model:
     image_layers: int  # trainable blocks
     text_layers: int
     num_trainable: int
+
+
+@functools.lru_cache(maxsize=32)
+def _architecture(name: str, cfg_json: str) -> arch_.Architecture:
+    return arch_.architecture(name, json.loads(cfg_json))  # builds the model on the meta device: cache it
 
 
 def model_view(setup: Setup, model_cfg: dict | None = None) -> _Model:
