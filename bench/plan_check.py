@@ -120,16 +120,20 @@ def engine_worker(rank: int, port: int, stage: int, precision: str, model_cfg: d
     )
     if rank == 0:
         Path(out).write_text(json.dumps(rises))
+    # Free the engine (it lives in reference cycles) before leaving the group, or gloo's threads can
+    # abort the process at exit (see clip_pipe.engine._leave_process_group).
+    del engine
+    gc.collect()
     torch.distributed.destroy_process_group()
 
 
-def engine_part(model_names: list[str]) -> list[dict]:
+def engine_part(model_names: list[str], precisions: list[str], stages: list[int]) -> list[dict]:
     from clip_pipe.plan import Setup
     from clip_pipe.plan.planner import model_view, peak_memory
 
     rows = []
-    for precision in ("fp32", "bf16"):
-        for stage in (0, 1, 2, 3):
+    for precision in precisions:
+        for stage in stages:
             fixed = None
             for name in ["fixed cost", *model_names]:
                 model_cfg = ENGINE_MODELS[name]
@@ -392,6 +396,8 @@ def main() -> None:
     parser.add_argument(
         "--engine-models", nargs="+", default=["38.7M", "115M"], choices=list(ENGINE_MODELS)[1:]
     )
+    parser.add_argument("--engine-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--engine-stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3])
     parser.add_argument("--loss-sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--ckpt-model", default="ViT-B-32")
     parser.add_argument("--ckpt-batches", type=int, nargs="+", default=[16, 32])
@@ -406,7 +412,7 @@ def main() -> None:
         results["published"] = published_part()
         print(json.dumps(results["published"], indent=1), flush=True)
     if "engine" in args.parts:
-        results["engine"] = engine_part(args.engine_models)
+        results["engine"] = engine_part(args.engine_models, args.engine_precisions, args.engine_stages)
     if "checkpointing" in args.parts:
         results["checkpointing"] = checkpointing_part(args.ckpt_model, args.ckpt_batches)
     if "loss" in args.parts:
