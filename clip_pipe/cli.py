@@ -197,18 +197,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from clip_pipe.plan import Setup, format_plan, plan
 
-    setup = Setup(
-        model=args.model, num_gpus=args.gpus, global_batch=args.batch, gpu=args.gpu,
-        zero_stage=args.zero, precision=args.precision, loss=args.loss, tile_size=args.tile_size,
-        patch_dropout=args.patch_dropout, grad_checkpointing=args.checkpointing,
-        lock_image=args.lock_image, unlocked_image_layers=args.unlocked_image_layers,
-        lock_text=args.lock_text, num_samples=args.samples, utilisation=args.utilisation,
-        image_size=args.image_size, context_length=args.context_length, gpu_flops=args.gpu_flops,
-        gpu_memory_gib=args.gpu_memory_gib, network_gb_s=args.network_gb_s, reserve_gib=args.reserve_gib,
-        prep_cores=args.prep_cores, bytes_per_pair=args.bytes_per_pair,
-    )  # fmt: skip
-    result = plan(setup)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    # Options the user left out are absent from `args` (argparse.SUPPRESS): Setup's defaults apply.
+    fields = {f.name for f in dataclasses.fields(Setup)}
+    result = plan(Setup(**{k: v for k, v in vars(args).items() if k in fields}))
+    print(json.dumps(result.to_dict(), indent=2) if getattr(args, "json", False) else format_plan(result))
     return 0
 
 
@@ -306,49 +298,49 @@ def build_parser() -> argparse.ArgumentParser:
         "open_clip-hub: a folder open_clip loads as local-dir:OUT, with a model card",
     )
 
-    from clip_pipe.plan.planner import DEFAULT_BYTES_PER_PAIR, DEFAULT_TILE_SIZE, DEFAULT_UTILISATION
-
+    # The defaults live in clip_pipe.plan.Setup (not imported here: it pulls in torch and open_clip).
     sub = commands.add_parser(
         "plan", help="memory, traffic, time and GPU-days of a training setup, worked out on paper",
         description="Per GPU: memory (parameters, gradients, optimizer state, DeepSpeed buffers, "
         "activations, loss), bytes per step, step time and samples/s at a stated utilisation, the "
         "largest batch that fits; the run's GPU-days; and the data prep's time and storage.",
+        argument_default=argparse.SUPPRESS,
     )  # fmt: skip
     sub.set_defaults(fn=cmd_plan)
     sub.add_argument("--model", required=True, help="open_clip or clip-pipe model name, e.g. ViT-B-16")
-    sub.add_argument("--gpus", type=_count, required=True, help="number of GPUs (ranks)")
-    sub.add_argument("--batch", type=_count, required=True, help="global batch (all GPUs)")
+    sub.add_argument("--gpus", dest="num_gpus", type=_count, required=True, help="number of GPUs (ranks)")
     sub.add_argument(
-        "--gpu", default="H100-SXM",
-        help="A100-40GB, A100-80GB, A800-80GB, H100-SXM, H100-PCIe, H200, B200, or the name nvidia-smi reports",
-    )  # fmt: skip
-    sub.add_argument("--zero", type=int, default=1, help="ZeRO stage, 0-3 (default 1)")
-    sub.add_argument("--precision", default="bf16", help="bf16 (default) or fp32")
-    sub.add_argument("--loss", default="tiled", help="tiled (clip-pipe's) or clip (open_clip's ClipLoss)")
-    sub.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE)
-    sub.add_argument("--samples", type=_count, default=0, help="samples seen in the run (e.g. 1e9)")
-    sub.add_argument("--patch-dropout", type=float, default=0.0, help="fraction of patches dropped")
-    sub.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-    sub.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
-    sub.add_argument(
-        "--unlocked-image-layers", type=int, default=0, help="with --lock-image: top blocks left trainable"
+        "--batch", dest="global_batch", type=_count, required=True, help="global batch (all GPUs)"
     )
+    sub.add_argument(
+        "--gpu", help="H100-SXM (default), A100-40GB, A100-80GB, A800-80GB, H100-PCIe, H200, B200, or the "
+        "name nvidia-smi reports",
+    )  # fmt: skip
+    sub.add_argument("--zero", dest="zero_stage", type=int, help="ZeRO stage, 0-3 (default 1)")
+    sub.add_argument("--precision", help="bf16 (default) or fp32")
+    sub.add_argument("--loss", help="tiled (default, clip-pipe's) or clip (open_clip's ClipLoss)")
+    sub.add_argument("--tile-size", type=int, help="the tiled loss's block (default 1024)")
+    sub.add_argument("--samples", dest="num_samples", type=_count, help="samples seen in the run (e.g. 1e9)")
+    sub.add_argument("--patch-dropout", type=float, help="fraction of image patches dropped (FLIP)")
+    sub.add_argument(
+        "--checkpointing", dest="grad_checkpointing", action="store_true", help="activation checkpointing"
+    )
+    sub.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
+    sub.add_argument("--unlocked-image-layers", type=int, help="with --lock-image: top blocks left trainable")
     sub.add_argument("--lock-text", action="store_true", help="freeze the text tower")
     sub.add_argument(
-        "--utilisation", "--mfu", type=float, default=DEFAULT_UTILISATION,
-        help=f"fraction of bf16 peak sustained on executed FLOPs (default {DEFAULT_UTILISATION}, fitted to "
-        "open_clip's ViT-B/32 run on A100s)",
+        "--utilisation", "--mfu", dest="utilisation", type=float,
+        help="fraction of the bf16 peak sustained on the executed FLOPs (default: 0.12, fitted to open_clip's "
+        "ViT-B/32 run on A100s; see docs/benchmarks.md)",
     )  # fmt: skip
     sub.add_argument("--image-size", type=int, help="override the model's image size")
     sub.add_argument("--context-length", type=int, help="override the text context length")
     sub.add_argument("--gpu-flops", type=float, help="override the GPU's bf16 peak, FLOP/s (e.g. 989e12)")
     sub.add_argument("--gpu-memory-gib", type=float, help="override the GPU's memory")
     sub.add_argument("--network-gb-s", type=float, help="override the collectives' bandwidth per GPU")
-    sub.add_argument("--reserve-gib", type=float, default=2.0, help="memory not for tensors (default 2)")
-    sub.add_argument("--prep-cores", type=int, default=64, help="CPU cores for data prep (default 64)")
-    sub.add_argument(
-        "--bytes-per-pair", type=int, default=DEFAULT_BYTES_PER_PAIR, help="shard bytes per pair"
-    )
+    sub.add_argument("--reserve-gib", type=float, help="GPU memory not for tensors (default 2)")
+    sub.add_argument("--prep-cores", type=int, help="CPU cores for data prep (default 64)")
+    sub.add_argument("--bytes-per-pair", type=int, help="shard bytes per pair (default 25000)")
     sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 

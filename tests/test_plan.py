@@ -290,7 +290,9 @@ def test_gpu_by_table_key_or_nvidia_smi_name():
 
     assert gpu("h100-sxm").name == "H100-SXM" and gpu("NVIDIA H100 80GB HBM3").name == "H100-SXM"
     assert gpu("NVIDIA H100 PCIe").name == "H100-PCIe" and gpu("NVIDIA H200").name == "H200"
-    assert gpu("NVIDIA A100-SXM4-80GB").name == "A100-80GB" and gpu("NVIDIA A100-SXM4-40GB").name == "A100-40GB"
+    assert (
+        gpu("NVIDIA A100-SXM4-80GB").name == "A100-80GB" and gpu("NVIDIA A100-SXM4-40GB").name == "A100-40GB"
+    )
     with pytest.raises(ValueError, match="unknown GPU 'Tesla V100-SXM2-32GB'"):
         gpu("Tesla V100-SXM2-32GB")
     # another GPU, by its figures
