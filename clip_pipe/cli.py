@@ -6,10 +6,13 @@
     clip-pipe report   RUN                 redraw RUN/report/index.html from the run's JSON
     clip-pipe serve    --checkpoint CKPT [--host 127.0.0.1] [--port 8000] [--token T | env CLIP_PIPE_TOKEN]
     clip-pipe export   --checkpoint CKPT [--format open_clip-hub] OUT
+    clip-pipe plan     --model NAME --gpus N --batch GLOBAL [--gpu H100-SXM] [--zero 1] [--samples N]
+                       [--checkpointing] [--patch-dropout F] [--lock-image] [--loss tiled|clip] [--json]
 
 CKPT is a run directory (its final model, else its latest checkpoint), a checkpoint directory, or a
 model file (model.safetensors, model.pt) with `open_clip_config.json` beside it. This module only parses
-arguments; the work is done by clip_pipe.classifier, clip_pipe.eval, clip_pipe.serve and clip_pipe.model.
+arguments; the work is done by clip_pipe.classifier, clip_pipe.eval, clip_pipe.serve, clip_pipe.model
+and clip_pipe.plan.
 """
 
 from __future__ import annotations
@@ -191,6 +194,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from clip_pipe.plan import Setup, format_plan, plan
+
+    # Options the user left out are absent from `args` (argparse.SUPPRESS): Setup's defaults apply.
+    fields = {f.name for f in dataclasses.fields(Setup)}
+    result = plan(Setup(**{k: v for k, v in vars(args).items() if k in fields}))
+    print(json.dumps(result.to_dict(), indent=2) if getattr(args, "json", False) else format_plan(result))
+    return 0
+
+
+def _count(text: str) -> int:
+    """An integer count, also written 1e9 or 12.8e9 (it must be whole)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clip_pipe.limits import TOKEN_ENV, ServeLimits
 
@@ -273,6 +297,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="state_dict: one file, safetensors if OUT ends in .safetensors, else a torch pickle; "
         "open_clip-hub: a folder open_clip loads as local-dir:OUT, with a model card",
     )
+
+    # The defaults live in clip_pipe.plan.Setup (not imported here: it pulls in torch and open_clip).
+    sub = commands.add_parser(
+        "plan", help="memory, traffic, time and GPU-days of a training setup, worked out on paper",
+        description="Per GPU: memory (parameters, gradients, optimizer state, DeepSpeed buffers, "
+        "activations, loss), bytes per step, step time and samples/s at a stated utilisation, the "
+        "largest batch that fits; the run's GPU-days; and the data prep's time and storage.",
+        argument_default=argparse.SUPPRESS,
+    )  # fmt: skip
+    sub.set_defaults(fn=cmd_plan)
+    sub.add_argument("--model", required=True, help="open_clip or clip-pipe model name, e.g. ViT-B-16")
+    sub.add_argument("--gpus", dest="num_gpus", type=_count, required=True, help="number of GPUs (ranks)")
+    sub.add_argument(
+        "--batch", dest="global_batch", type=_count, required=True, help="global batch (all GPUs)"
+    )
+    sub.add_argument(
+        "--gpu", help="H100-SXM (default), A100-40GB, A100-80GB, A800-80GB, H100-PCIe, H200, B200, or the "
+        "name nvidia-smi reports",
+    )  # fmt: skip
+    sub.add_argument("--zero", dest="zero_stage", type=int, help="ZeRO stage, 0-3 (default 1)")
+    sub.add_argument("--precision", help="bf16 (default) or fp32")
+    sub.add_argument("--loss", help="tiled (default, clip-pipe's) or clip (open_clip's ClipLoss)")
+    sub.add_argument("--tile-size", type=int, help="the tiled loss's block (default 1024)")
+    sub.add_argument("--samples", dest="num_samples", type=_count, help="samples seen in the run (e.g. 1e9)")
+    sub.add_argument("--patch-dropout", type=float, help="fraction of image patches dropped (FLIP)")
+    sub.add_argument(
+        "--checkpointing", dest="grad_checkpointing", action="store_true", help="activation checkpointing"
+    )
+    sub.add_argument("--lock-image", action="store_true", help="freeze the image tower (LiT)")
+    sub.add_argument("--unlocked-image-layers", type=int, help="with --lock-image: top blocks left trainable")
+    sub.add_argument("--lock-text", action="store_true", help="freeze the text tower")
+    sub.add_argument(
+        "--utilisation", "--mfu", dest="utilisation", type=float,
+        help="fraction of the bf16 peak sustained on the executed FLOPs (default: 0.12, fitted to open_clip's "
+        "ViT-B/32 run on A100s; see docs/benchmarks.md)",
+    )  # fmt: skip
+    sub.add_argument("--image-size", type=int, help="override the model's image size")
+    sub.add_argument("--context-length", type=int, help="override the text context length")
+    sub.add_argument("--gpu-flops", type=float, help="override the GPU's bf16 peak, FLOP/s (e.g. 989e12)")
+    sub.add_argument("--gpu-memory-gib", type=float, help="override the GPU's memory")
+    sub.add_argument("--network-gb-s", type=float, help="override the collectives' bandwidth per GPU")
+    sub.add_argument("--reserve-gib", type=float, help="GPU memory not for tensors (default 2)")
+    sub.add_argument("--prep-cores", type=int, help="CPU cores for data prep (default 64)")
+    sub.add_argument("--bytes-per-pair", type=int, help="shard bytes per pair (default 25000)")
+    sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
