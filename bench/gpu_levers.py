@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import subprocess
@@ -206,26 +205,24 @@ def time_variant(model_name: str, batch: int, steps: int, overrides: list[str]) 
 
 
 def planner_prediction(gpu_name: str, model_name: str, batch: int, overrides: list[str]) -> str:
-    """PLANNER HOOK: the planner's prediction for this GPU, printed beside the measurement.
-
-    `clip-pipe plan ... --json` comes from the planner's branch; until it is merged this says so. Its
-    flags are assumed here (model, GPUs, GPU kind, per-GPU batch, precision, levers); adjust them to the
-    planner's own when it lands.
-    """
-    if importlib.util.find_spec("clip_pipe.plan") is None:
-        return "planner not available"
+    """The planner's prediction for this GPU and run (`clip-pipe plan --json`), printed beside the
+    measurement: samples/s at its fitted utilisation, and peak memory."""
     levers = []
     for o in overrides:
         key, value = o.split("=")
         levers += {"model.patch_dropout": ["--patch-dropout", value],
-                   "model.grad_checkpointing": ["--grad-checkpointing"]}[key]  # fmt: skip
+                   "model.grad_checkpointing": ["--checkpointing"]}[key]  # fmt: skip
     command = [sys.executable, "-m", "clip_pipe.cli", "plan", "--model", model_name, "--gpus", "1",
-               "--gpu", gpu_name, "--global-batch", str(batch), "--precision", "bf16", *levers, "--json"]  # fmt: skip
+               "--gpu", gpu_name, "--batch", str(batch), "--zero", "0", "--precision", "bf16", *levers,
+               "--json"]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         return f"planner failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
     plan = json.loads(proc.stdout)
-    return json.dumps({k: plan[k] for k in plan if "samples" in k or "memory" in k or "mem" in k} or plan)
+    return (
+        f"planner: {plan['time']['samples_per_s_per_gpu']:.0f} samples/s at {plan['time']['utilisation']:.0%} "
+        f"utilisation, peak {plan['memory']['peak'] / 2**30:.1f} GiB"
+    )
 
 
 def main() -> None:
