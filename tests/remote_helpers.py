@@ -387,3 +387,38 @@ def http_for_test(root: Path):
     finally:
         faults.release.set()
         server.stop()
+
+
+# ------------------------------------------------------------------------------ reading as the loader
+
+
+def epoch_blocks(
+    shards: list, reader, num_streams: int = 1, epoch: int = 0, block_size: int = 8, seed: int = 0
+):
+    """One epoch of a source's shards read as the loader reads them, without decoding: `num_streams`
+    streams of the elastic order (order.py), each through its own `TarBlocks` on the one `reader` (a
+    loader slot's), taking turns block by block. Yields (samples, num_lost) per block."""
+    from clip_pipe.data.order import SourceOrder
+    from clip_pipe.data.stream import TarBlocks
+
+    order = SourceOrder([s.num_samples for s in shards], num_streams, block_size, seed, 0)
+    unreadable: dict[int, int] = {}  # shared by the source's streams, as in ImageTextStream
+    streams = [TarBlocks(shards, reader, unreadable) for _ in range(num_streams)]
+    try:
+        for block in range(max(order.num_blocks(j, epoch) for j in range(num_streams))):
+            for j, read_block in enumerate(streams):
+                if block < order.num_blocks(j, epoch):
+                    upcoming = order.upcoming_shards(j, epoch, block, 4)
+                    yield read_block(order.block_segments(j, epoch, block), upcoming)
+    finally:
+        for read_block in streams:
+            read_block.close()
+
+
+def read_epoch(shards: list, reader, **kwargs) -> tuple[list[str], int]:
+    """(the keys an epoch gives out, sorted; the samples it lost), read as `epoch_blocks` reads."""
+    keys, num_lost = [], 0
+    for samples, lost in epoch_blocks(shards, reader, **kwargs):
+        keys += [s["__key__"] for s in samples]
+        num_lost += lost
+    return sorted(keys), num_lost

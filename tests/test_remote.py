@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from clip_pipe.data import Retry, SampleErrors, ShardReader, TarError, epoch_samples, list_shards
+from clip_pipe.data import Retry, ShardReader, TarError, list_shards
 from clip_pipe.data.open import FsspecStore, HttpStore, StoreUnreachable
 from clip_pipe.data.tar import read_tar
-from tests.remote_helpers import write_img2dataset_shards
+from tests.remote_helpers import epoch_blocks, write_img2dataset_shards
+from tests.remote_helpers import read_epoch as read_shards
 
 SIZES = [30, 20, 25]
 CHUNK = 16 * 1024  # a shard is 60-90 KiB: several chunks each
@@ -78,10 +79,9 @@ def reader(**kwargs) -> ShardReader:
     return ShardReader(**(settings | kwargs))
 
 
-def read_epoch(remote: Remote, shard_reader: ShardReader, epoch: int = 0) -> tuple[list[str], SampleErrors]:
-    errors = SampleErrors()
-    samples = epoch_samples(remote.shards, 0, 1, 0, epoch, errors, shard_reader)
-    return sorted(s["__key__"] for s in samples), errors
+def read_epoch(remote: Remote, shard_reader: ShardReader, **kwargs) -> tuple[list[str], int]:
+    """(the epoch's keys, sorted; the samples lost), read by one loader slot's streams (one by default)."""
+    return read_shards(remote.shards, shard_reader, **kwargs)
 
 
 def strip(samples) -> list[dict]:
@@ -112,8 +112,8 @@ def test_fetches_run_ahead_across_shards_within_the_bound(remote, monkeypatch):
     time.sleep(1.5)  # nothing read yet
     fetched = remote.faults.gets(".tar")
     assert len(fetched) == 3 and counter.max <= 3, fetched
-    keys, errors = read_epoch(remote, shard_reader)
-    assert keys == all_keys() and errors.num_skipped == 0
+    keys, num_lost = read_epoch(remote, shard_reader)
+    assert keys == all_keys() and num_lost == 0
     gets = remote.faults.gets(".tar")
     assert counter.max == 3
     end = {id(r): r.end or float("inf") for r in gets}  # (None: the server has not closed it yet)
@@ -148,9 +148,9 @@ class InFlight:
 def test_404_for_one_shard_and_500_twice_for_another(remote):
     remote.faults.set("laion/00001.tar", status=404, get_only=False)
     remote.faults.set("laion/00002.tar", status=500, times=2, get_only=False)
-    keys, errors = read_epoch(remote, reader())
+    keys, num_lost = read_epoch(remote, reader())
     assert keys == [k for k in all_keys() if not k.startswith("00001")]
-    assert errors.num_skipped == SIZES[1]  # lost, and counted as a corrupt tar's samples are
+    assert num_lost == SIZES[1]  # lost, and counted as a corrupt tar's samples are
     statuses = [r.status for r in remote.faults.log if r.path.endswith("00002.tar")]
     assert statuses[:2] == [500, 500] and set(statuses[2:]) <= {200, 206}, statuses
 
@@ -163,15 +163,15 @@ def test_a_shard_truncated_on_the_server(remote, data):
     with pytest.raises(TarError):
         survivors.extend(s["__key__"] for s in read_tar(io.BytesIO(cut), "cut", len(cut)))
     assert 0 < len(survivors) < SIZES[1]
-    keys, errors = read_epoch(remote, reader())
+    keys, num_lost = read_epoch(remote, reader())
     assert keys == sorted([k for k in all_keys() if not k.startswith("00001")] + survivors)
-    assert errors.num_skipped == SIZES[1] - len(survivors)
+    assert num_lost == SIZES[1] - len(survivors)
 
 
 def test_a_body_cut_off_is_read_again_as_a_range(remote):
     remote.faults.set("laion/00000.tar", cut_after=5000, times=1)
-    keys, errors = read_epoch(remote, reader())
-    assert keys == all_keys() and errors.num_skipped == 0
+    keys, num_lost = read_epoch(remote, reader())
+    assert keys == all_keys() and num_lost == 0
     ranges = [r.range for r in remote.faults.gets("00000.tar")]
     repeated = [r for r in set(ranges) if ranges.count(r) == 2]
     assert len(repeated) == 1 and len(ranges) == len(set(ranges)) + 1, ranges  # one chunk, not the shard
@@ -181,21 +181,20 @@ def test_a_server_that_stalls_mid_body(remote):
     """Once: the read times out and the chunk is fetched again. Always: the shard is lost, and counted,
     after the retries; either way the epoch ends."""
     remote.faults.set("laion/00000.tar", stall_after=5000, times=1)
-    keys, errors = read_epoch(remote, reader())
-    assert keys == all_keys() and errors.num_skipped == 0
+    keys, num_lost = read_epoch(remote, reader())
+    assert keys == all_keys() and num_lost == 0
 
     remote.faults.set("laion/00002.tar", stall_after=5000)
     start = time.monotonic()
-    keys, errors = read_epoch(remote, reader(retry=Retry(2, base_s=0.05)))
-    assert keys == [k for k in all_keys() if not k.startswith("00002")] and errors.num_skipped == SIZES[2]
+    keys, num_lost = read_epoch(remote, reader(retry=Retry(2, base_s=0.05)))
+    assert keys == [k for k in all_keys() if not k.startswith("00002")] and num_lost == SIZES[2]
     assert time.monotonic() - start < 30
 
 
 def test_server_killed_mid_epoch_and_restarted(remote):
     remote.faults.latency_s = 0.05
     shard_reader = reader(num_fetches=2, retry=Retry(12, base_s=0.1, max_s=0.5))
-    errors = SampleErrors()
-    keys = []
+    keys, num_lost = [], 0
     restarted = threading.Event()
 
     def restart():
@@ -203,13 +202,14 @@ def test_server_killed_mid_epoch_and_restarted(remote):
         remote.server.start()
         restarted.set()
 
-    for sample in epoch_samples(remote.shards, 0, 1, 0, 0, errors, shard_reader):
-        keys.append(sample["__key__"])
+    for samples, lost in epoch_blocks(remote.shards, shard_reader, block_size=5):
+        keys += [sample["__key__"] for sample in samples]
+        num_lost += lost
         if len(keys) == 10:
             remote.server.stop()  # cuts the connections under way too
             threading.Thread(target=restart, daemon=True).start()
     assert restarted.is_set(), "the epoch ended before the server came back: nothing was read after the kill"
-    assert sorted(keys) == all_keys() and len(keys) == len(set(keys)) and errors.num_skipped == 0
+    assert sorted(keys) == all_keys() and len(keys) == len(set(keys)) and num_lost == 0
 
 
 def test_a_reader_in_a_loader_worker_process(remote):
@@ -220,8 +220,8 @@ def test_a_reader_in_a_loader_worker_process(remote):
     shard_reader.prefetch([remote.shards[0].url])  # threads started here...
     clone = pickle.loads(pickle.dumps(shard_reader))  # ...but not carried over
     assert clone._fetcher is None
-    keys, errors = read_epoch(remote, clone)
-    assert keys == all_keys() and errors.num_skipped == 0
+    keys, num_lost = read_epoch(remote, clone)
+    assert keys == all_keys() and num_lost == 0
 
 
 def test_a_store_that_stays_down_stops_the_loader(remote):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from clip_pipe.data import ImageTextStream, ShardReader, batch_loader, expand, list_shards
+from clip_pipe.config import SourceConfig
+from clip_pipe.data import ShardReader, batch_loader, build_stream, expand, list_shards, list_sources
 from clip_pipe.data.augment import TrainAugment
 from clip_pipe.distributed import free_port
 from tests.conftest import REPO, write_train_shards
@@ -95,12 +96,12 @@ def test_a_folder_of_ours_still_reads_as_before(tmp_path):
 def test_img2dataset_samples_train_without_conversion(tmp_path):
     """K.jpg / K.png / K.webp + K.txt + K.json, as img2dataset writes them, make batches as they are."""
     folder = write_img2dataset_shards(tmp_path / "laion", [6, 6])
-    shards = list_shards([str(folder)])
+    sources = list_sources([SourceConfig([str(folder)])])
     augment = TrainAugment(16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     from open_clip.tokenizer import SimpleTokenizer
 
-    stream = ImageTextStream(
-        shards, 4, augment, SimpleTokenizer(context_length=16), 0, 1, seed=0, shuffle_buffer=0
+    stream, _ = build_stream(
+        sources, 4, augment, SimpleTokenizer(context_length=16), 0, 1, num_streams=1, seed=0, shuffle_buffer=0
     )
     batches = [b for _, b in zip(range(3), batch_loader(stream, 0), strict=False)]
     keys = [k for b in batches for k in b["keys"]]

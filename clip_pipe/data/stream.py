@@ -121,6 +121,14 @@ class TarBlocks:
             self._unreadable[shard] = index
             url, size = self.shards[shard].url, self.shards[shard].num_samples
             log.warning("%s: samples %d to %d of %d unreadable (%s)", url, index, size - 1, size, why)
+        elif index == self.shards[shard].num_samples:
+            # Read to the end of the archive, so that the reader finishes the shard (a remote one is
+            # then kept in the cache; a local one is closed now) rather than abandon it.
+            try:
+                for _ in samples:  # a tar that holds more than its count promised: the rest goes unused
+                    samples.close()
+            except (OSError, TarError) as exn:  # every sample was read: nothing is lost
+                log.warning("%s: after its last sample: %r", self.shards[shard].url, exn)
         else:
             self._open = (shard, index, samples)
         return num_read
@@ -184,7 +192,9 @@ class ImageTextStream(IterableDataset):
             for stream in streams.values():
                 stream.read_block.close()
 
-    def _decode(self, sample: dict, seed: int, log_errors: bool) -> tuple[torch.Tensor | CropSource, str] | None:
+    def _decode(
+        self, sample: dict, seed: int, log_errors: bool
+    ) -> tuple[torch.Tensor | CropSource, str] | None:
         """(the image, ready for `augment.crop` with a generator seeded by `seed`; the caption)."""
         try:  # only what depends on the data: a bad sample is counted and stood in for, never fatal
             # The views need the whole image; the crop alone draws its box first and decodes only as
@@ -270,7 +280,15 @@ def build_stream(
     start = resume_order(saved, specs, global_batch, num_streams, seed, step)
     order = DataOrder.build(specs, global_batch, start.source_streams, start.seed, shuffle_buffer, resampled)
     stream = ImageTextStream(
-        order, [s.shards for s in sources], augment, tokenizer, rank, world_size, start.positions, step, views,
+        order,
+        [s.shards for s in sources],
+        augment,
+        tokenizer,
+        rank,
+        world_size,
+        start.positions,
+        step,
+        views,
         reader,
     )
     return stream, start
