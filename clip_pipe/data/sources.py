@@ -30,15 +30,8 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from clip_pipe.data.open import (
-    Retry,
-    ShardUnavailable,
-    is_pipe,
-    is_remote,
-    local_path,
-    protocol,
-    store_for,
-)
+from clip_pipe.data.retry import Retry, ShardUnavailable
+from clip_pipe.data.stores import is_pipe, is_remote, local_path, protocol, store_for
 
 log = logging.getLogger(__name__)
 
