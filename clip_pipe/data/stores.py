@@ -50,6 +50,10 @@ class Store:
         """{name: size} of the files in the folder at `url`."""
         raise NotImplementedError
 
+    def write(self, url: str, data: bytes) -> None:
+        """A small file, whole (`clip-pipe count-shards` writes sizes.json beside the shards)."""
+        raise NotImplementedError
+
 
 class FsspecStore(Store):
     """s3://, gs:// and any other fsspec protocol."""
@@ -97,6 +101,9 @@ class FsspecStore(Store):
         return {
             e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e["size"]) for e in entries if e["type"] == "file"
         }
+
+    def write(self, url: str, data: bytes) -> None:
+        self.fs.pipe_file(url, data)
 
 
 class HttpStore(Store):
@@ -168,6 +175,9 @@ class HttpStore(Store):
             f"{url}: an HTTP folder cannot be listed; name its shards with a brace pattern "
             f"({url.rstrip('/')}/{{00000..00099}}.tar) or put a sizes.json in it"
         )
+
+    def write(self, url: str, data: bytes) -> None:
+        raise ValueError(f"{url}: cannot write to an HTTP server; write the counts to a local file (--out)")
 
 
 _CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "HTTPS_PROXY")
