@@ -283,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
         "out_path", nargs="?", metavar="OUT", help="a file (state_dict) or a folder (open_clip-hub)"
     )
     sub.add_argument("--out", help="the same as OUT")
+    sub.add_argument(
+        "--format",
+        choices=["state_dict", "open_clip-hub"],
+        default="state_dict",
+        help="state_dict: one file, safetensors if OUT ends in .safetensors, else a torch pickle; "
+        "open_clip-hub: a folder open_clip loads as local-dir:OUT, with a model card",
+    )
 
     sub = commands.add_parser(
         "count-shards",
@@ -298,13 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--out", help="write {shard URL: samples} here (train with data.counts_file=FILE)")
     sub.add_argument("--threads", type=int, default=16, help="shards read at once where one must be counted")
-    sub.add_argument(
-        "--format",
-        choices=["state_dict", "open_clip-hub"],
-        default="state_dict",
-        help="state_dict: one file, safetensors if OUT ends in .safetensors, else a torch pickle; "
-        "open_clip-hub: a folder open_clip loads as local-dir:OUT, with a model card",
-    )
     return parser
 
 
