@@ -22,6 +22,8 @@ def machine_description() -> str:
             elif line.startswith("flags") and not flags:
                 flags = set(line.split(":", 1)[1].split())
     num_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    description = f"{num_cores} cores, {model} ({' '.join(f for f in KERNEL_FLAGS if f in flags) or 'no AVX2'})"
+    description = (
+        f"{num_cores} cores, {model} ({' '.join(f for f in KERNEL_FLAGS if f in flags) or 'no AVX2'})"
+    )
     caps = [f"{name}={os.environ[name]}" for name in KERNEL_CAPS if name in os.environ]
     return description + (f"; emulating: {' '.join(caps)}" if caps else "")

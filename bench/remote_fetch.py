@@ -2,12 +2,13 @@
 behaves like a cloud object store (30 ms before each answer, 20 MB/s per connection), for each
 `data.num_fetches`, the verdict on its default.
 
-The server (werkzeug, tests/remote_helpers.py) runs in its own process. The reader reads every sample
-of every shard through `epoch_samples` (one slot, no decoding), as the loader does: MB/s of shard
-bytes. Runs alternate between the variants after a warm-up; the table gives the median of each and
-its ratio to local disk (median and range of the per-round ratios).
+The server (werkzeug, tests/remote_helpers.py) runs in its own process. One loader slot reads an epoch
+of the shards as the elastic loader does, without decoding: `--streams` streams of the order, each
+through its own `TarBlocks`, all on one `ShardReader` (one fetch budget), taking turns block by block.
+The figure is MB/s of shard bytes. Runs alternate between the variants after a warm-up; the table gives
+the median of each and its ratio to local disk (median and range of the per-round ratios).
 
-    python -m bench.remote_fetch [--rounds 3 --shards 6 --shard-mb 16 --latency-ms 30 --mb-per-s 20]
+    python -m bench.remote_fetch [--rounds 3 --shards 6 --shard-mb 16 --streams 2 --latency-ms 30 --mb-per-s 20]
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import time
 from pathlib import Path
 
 from bench.common import machine_description
-from clip_pipe.data import SampleErrors, ShardReader, epoch_samples, list_shards
-
-VARIANTS = ["local", 1, 2, 4, 8, 16]
+from clip_pipe.data import ShardReader, list_shards
+from tests.remote_helpers import epoch_blocks
 
 
 def write_shards(folder: Path, num_shards: int, shard_mb: float) -> None:
@@ -54,13 +54,16 @@ def serve(root: str, latency_s: float, bytes_per_s: float, ports) -> None:
     server.thread.join()
 
 
-def read_all(shards, num_fetches) -> tuple[int, float]:
+def read_all(shards, num_fetches, num_streams: int) -> tuple[int, float]:
     reader = ShardReader(num_fetches=num_fetches) if num_fetches != "local" else ShardReader()
     start = time.perf_counter()
-    errors = SampleErrors()
-    num_bytes = sum(len(s["jpg"]) + len(s["txt"]) for s in epoch_samples(shards, 0, 1, 0, 0, errors, reader))
+    num_bytes = num_samples = 0
+    for samples, num_lost in epoch_blocks(shards, reader, num_streams, block_size=64):
+        assert num_lost == 0
+        num_bytes += sum(len(s["jpg"]) + len(s["txt"]) for s in samples)
+        num_samples += len(samples)
     seconds = time.perf_counter() - start
-    assert errors.num_skipped == 0
+    assert num_samples == sum(s.num_samples for s in shards)
     reader.close()
     return num_bytes, seconds
 
@@ -74,7 +77,10 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=float, default=16)
     parser.add_argument("--latency-ms", type=float, default=30)
     parser.add_argument("--mb-per-s", type=float, default=20)
+    parser.add_argument("--streams", type=int, default=2, help="streams the slot reads at once")
+    parser.add_argument("--fetches", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="data.num_fetches")
     args = parser.parse_args()
+    variants = ["local", *args.fetches]
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "www"
@@ -88,24 +94,26 @@ def main() -> None:
         local = list_shards([str(root / "laion")])
         remote = list_shards([f"http://127.0.0.1:{port}/laion/{{00000..{args.shards - 1:05d}}}.tar"])
         try:
-            rates: dict = {v: [] for v in VARIANTS}
-            read_all(local, "local"), read_all(remote, 8)  # warm-up: imports, page cache, connections
+            rates: dict = {v: [] for v in variants}
+            read_all(local, "local", args.streams), read_all(remote, 8, args.streams)  # warm-up
             for _ in range(args.rounds):
-                for variant in VARIANTS:
-                    num_bytes, seconds = read_all(local if variant == "local" else remote, variant)
+                for variant in variants:
+                    num_bytes, seconds = read_all(
+                        local if variant == "local" else remote, variant, args.streams
+                    )
                     rates[variant].append(num_bytes / seconds / 1e6)
                     print(f"  {variant!s:>6}: {rates[variant][-1]:8.1f} MB/s", flush=True)
         finally:
             server.kill()
 
-    print(f"\n{machine_description()}")
+    print(f"\n{machine_description()}, {time.strftime('%Y-%m-%d')}")
     print(
         f"{args.shards} shards of {args.shard_mb:g} MB; server: {args.latency_ms:g} ms before each answer, "
-        f"{args.mb_per_s:g} MB/s per connection; {args.rounds} rounds\n"
+        f"{args.mb_per_s:g} MB/s per connection; one slot reading {args.streams} streams; {args.rounds} rounds\n"
     )
     print("| reader | MB/s (median) | vs local disk: median (min–max) |")
     print("|---|---|---|")
-    for variant in VARIANTS:
+    for variant in variants:
         ratios = [r / base for r, base in zip(rates[variant], rates["local"], strict=True)]
         name = "local disk" if variant == "local" else f"HTTP, data.num_fetches={variant}"
         print(

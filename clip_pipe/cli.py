@@ -8,6 +8,8 @@
     clip-pipe export   --checkpoint CKPT [--format open_clip-hub] OUT
     clip-pipe plan     --model NAME --gpus N --batch GLOBAL [--gpu H100-SXM] [--zero 1] [--samples N]
                        [--checkpointing] [--patch-dropout F] [--lock-image] [--loss tiled|clip] [--json]
+    clip-pipe count-shards SHARDS [SHARDS ...] [--out counts.json]
+                       write sizes.json beside the shards (or a counts file) so that runs start fast
 
 CKPT is a run directory (its final model, else its latest checkpoint), a checkpoint directory, or a
 model file (model.safetensors, model.pt) with `open_clip_config.json` beside it. This module only parses
@@ -215,6 +217,21 @@ def _count(text: str) -> int:
     return int(value)
 
 
+def cmd_count_shards(args: argparse.Namespace) -> int:
+    import logging
+
+    from clip_pipe.data.sources import count_shards, write_counts
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    counts = count_shards(args.shards, num_threads=args.threads)
+    for path in write_counts(counts, args.out):
+        print(f"wrote {path}")
+    print(f"{len(counts)} shards, {sum(counts.values())} samples")
+    if args.out:
+        print(f"train with data.counts_file={args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clip_pipe.limits import TOKEN_ENV, ServeLimits
 
@@ -342,6 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--prep-cores", type=int, help="CPU cores for data prep (default 64)")
     sub.add_argument("--bytes-per-pair", type=int, help="shard bytes per pair (default 25000)")
     sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sub = commands.add_parser(
+        "count-shards",
+        help="count the samples of shards (from *_stats.json, else by reading them) into a sizes.json",
+        description="Reads every shard's count (its sizes.json or img2dataset's *_stats.json, concurrently; "
+        "a shard with neither is read and counted) and writes a sizes.json beside the shards of each folder, "
+        "so that every rank of every later run reads one file per folder instead of one per shard. "
+        "open_clip reads it too. For shards you cannot write beside, --out writes a counts file instead.",
+    )
+    sub.set_defaults(fn=cmd_count_shards)
+    sub.add_argument(
+        "shards", nargs="+", metavar="SHARDS", help="as data.train: folders, brace patterns, URLs"
+    )
+    sub.add_argument("--out", help="write {shard URL: samples} here (train with data.counts_file=FILE)")
+    sub.add_argument("--threads", type=int, default=16, help="shards read at once where one must be counted")
     return parser
 
 

@@ -54,6 +54,10 @@ class DataConfig:
     num_samples: int | None = None
     """The number of training samples, for shards with neither a `sizes.json` nor `*_stats.json` beside
     them (open_clip's `--train-num-samples`); spread evenly over them."""
+    counts_file: str | None = None
+    """A JSON file of {shard URL: samples}, as `clip-pipe count-shards --out FILE` writes it: counts
+    taken before any sizes.json or *_stats.json is read, for shards in a bucket you cannot write to
+    (without it, every rank reads one count file per shard at start-up)."""
     batch_size: int = 64
     """Samples per rank per optimizer step. The global batch (and the loss's negatives) is this × world
     size, however many micro-batches `optim.accum_steps` splits it into."""

@@ -137,7 +137,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
     setup_logging(run_dir, env.is_main)
     # Fail on a bad path, an unreachable store or bad credentials now, not after the process group
     # and model are up.
-    sources = list_sources(cfg.data.source_list, cfg.data.timeout_s)
+    sources = list_sources(cfg.data.source_list, cfg.data.timeout_s, cfg.data.counts_file)
     reader = shard_reader(cfg.data, [shard for source in sources for shard in source.shards])
     eval_sets, probe_set = configured_sets(cfg.eval)
 

@@ -387,3 +387,50 @@ def http_for_test(root: Path):
     finally:
         faults.release.set()
         server.stop()
+
+
+# ------------------------------------------------------------------------------ reading as the loader
+
+
+def epoch_blocks(
+    shards: list, reader, num_streams: int = 1, epoch: int = 0, block_size: int = 8, seed: int = 0
+):
+    """One epoch of a source's shards read as the loader reads them, without decoding: `num_streams`
+    streams of the elastic order (order.py), each through its own `TarBlocks` on the one `reader` (a
+    loader slot's), taking turns block by block. Yields (samples, num_lost) per block.
+
+    Each stream announces its next shards as the loader's do, except the next epoch's, which this
+    epoch's reader would fetch ahead and never read (and a test counting requests would see)."""
+    import bisect
+
+    from clip_pipe.data.order import SourceOrder
+    from clip_pipe.data.stream import TarBlocks
+
+    order = SourceOrder([s.num_samples for s in shards], num_streams, block_size, seed, 0)
+    unreadable: dict[int, int] = {}  # shared by the source's streams, as in ImageTextStream
+    streams = [TarBlocks(shards, reader, unreadable) for _ in range(num_streams)]
+
+    def upcoming(j: int, block: int) -> list[int]:
+        segments, counts = order.stream_range(j, epoch)
+        k = bisect.bisect_right(counts, block * block_size) - 1
+        return order.upcoming_shards(j, epoch, block, 4)[: len(segments) - k]
+
+    for j, read_block in enumerate(streams):  # as ImageTextStream does before its first piece
+        read_block.hint(upcoming(j, 0))
+    try:
+        for block in range(max(order.num_blocks(j, epoch) for j in range(num_streams))):
+            for j, read_block in enumerate(streams):
+                if block < order.num_blocks(j, epoch):
+                    yield read_block(order.block_segments(j, epoch, block), upcoming(j, block))
+    finally:
+        for read_block in streams:
+            read_block.close()
+
+
+def read_epoch(shards: list, reader, **kwargs) -> tuple[list[str], int]:
+    """(the keys an epoch gives out, sorted; the samples it lost), read as `epoch_blocks` reads."""
+    keys, num_lost = [], 0
+    for samples, lost in epoch_blocks(shards, reader, **kwargs):
+        keys += [s["__key__"] for s in samples]
+        num_lost += lost
+    return sorted(keys), num_lost

@@ -97,7 +97,9 @@ def test_shipped_recipes_load(recipe, tmp_path):
         cfg = load_config(recipe)
     else:  # a recipe for the user's data: it names none, and no eval sets either
         assert not raw.get("eval", {}).keys() & {"sets", "retrieval_sets", "linear_probe_train"}, raw["eval"]
-        with pytest.raises(ValueError, match=r"data\.train \(or data\.sources\) must name at least one shard folder"):
+        with pytest.raises(
+            ValueError, match=r"data\.train \(or data\.sources\) must name at least one shard folder"
+        ):
             load_config(recipe)
         cfg = load_config(recipe, ["data.train=/my/shards"])
     # What a run saves as its resolved config.yaml loads back to the same config, with no key lost.

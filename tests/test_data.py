@@ -178,36 +178,46 @@ def test_resampled_batches_are_the_same_on_any_layout_and_draw_with_replacement(
 
 
 def test_streams_announce_their_next_shards_to_the_reader(color_shards, monkeypatch):
-    """`ShardReader.prefetch` hears, for each stream, the shards it reads next, in order, before it
-    opens them (so a remote reader can fetch them ahead)."""
+    """`ShardReader.prefetch` hears, from each stream (its own plan), the shards it opens next, in order,
+    before it opens them (so a remote reader can fetch them ahead): this epoch's, then the next's."""
     import clip_pipe.data.open
 
     events = []
-    monkeypatch.setattr(
-        clip_pipe.data.open.ShardReader, "prefetch", lambda self, urls: events.append(("hint", list(urls)))
-    )
+
+    def prefetch(self, urls, stream=None):
+        events.append(("hint", stream, list(urls)))
+
+    monkeypatch.setattr(clip_pipe.data.open.ShardReader, "prefetch", prefetch)
     real_samples = clip_pipe.data.open.ShardReader.samples
 
-    def samples(self, url):
-        events.append(("open", url))
-        yield from real_samples(self, url)
+    def samples(self, url, stream=None):
+        events.append(("open", stream, url))
+        yield from real_samples(self, url, stream)
 
     monkeypatch.setattr(clip_pipe.data.open.ShardReader, "samples", samples)
     loader, _ = rank_loader([(color_shards, 1.0)], 4, 0, 1, 0, num_streams=2, shuffle_buffer=0)
     list(itertools.islice(iter(loader), 40))  # 160 samples: into the second epoch
-    opened = [i for i, (kind, _) in enumerate(events) if kind == "open"]
+    opened = [i for i, (kind, _, _) in enumerate(events) if kind == "open"]
     assert len(opened) >= 6
-    for i in opened:  # every shard was announced before it was opened
-        assert any(kind == "hint" and events[i][1] in urls for kind, urls in events[:i]), events[: i + 1]
-    # A stream's first hint is its epoch's shards in its reading order.
+    for i in opened:  # every shard was announced by its own stream before that stream opened it
+        _, stream, url = events[i]
+        hints = [urls for kind, s, urls in events[:i] if kind == "hint" and s is stream]
+        assert hints and url in hints[-1], events[: i + 1]
+    # A stream's first hint is its epoch's shards in its reading order, then the next epoch's first.
     shards = [s.url for s in list_shards([str(color_shards)])]
     stream, _ = build_stream(
         list_sources([SourceConfig([str(color_shards)])]), 4, PREPROCESS, TOKENIZER, 0, 1, num_streams=2,
         seed=0, shuffle_buffer=0,
     )  # fmt: skip
     source = stream.order.sources[0]
-    expected = [[shards[shard] for shard, _, _ in source.stream_range(j, 0)[0]] for j in range(2)]
-    assert [urls for kind, urls in events if kind == "hint"][:2] == expected
+    expected = [
+        [shards[shard] for epoch in (0, 1) for shard, _, _ in source.stream_range(j, epoch)[0]][:4]
+        for j in range(2)
+    ]
+    streams = list(dict.fromkeys(s for kind, s, _ in events if kind == "hint"))
+    assert len(streams) == 2
+    first_hints = [next(urls for kind, s, urls in events if kind == "hint" and s is k) for k in streams]
+    assert sorted(first_hints) == sorted(expected)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

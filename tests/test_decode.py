@@ -21,7 +21,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image, ImageDraw, ImageFilter
 
 import clip_pipe.data.decode as decode
-from clip_pipe.data import ImageTextStream, LoaderPosition, batch_loader, list_shards
+from clip_pipe.config import SourceConfig
+from clip_pipe.data import OrderSpec, StreamPositions, batch_loader, build_stream, list_sources
 from clip_pipe.data.augment import TrainAugment
 from clip_pipe.data.decode import CropSource, decode_for_crop, decode_uint8
 
@@ -163,20 +164,23 @@ def test_a_stream_of_large_jpegs_resumes_with_the_same_reduced_crops(tmp_path):
                 {"__key__": f"{key:09d}", "jpg": encoded(photo_like(192, key), quality=90), "txt": "a photo"}
             )
     (folder / "sizes.json").write_text(json.dumps({"shard-000000.tar": 24}))
-    shards = list_shards([str(folder)])
+    sources = list_sources([SourceConfig([str(folder)])])
     augment = TrainAugment(64, MEAN, STD)  # boxes of 173-192 px: decoded at 1/2
+    settings = {"num_streams": 2, "seed": 5, "shuffle_buffer": 8}
 
-    def batches(start=None, num_batches=8):
-        stream = ImageTextStream(
-            shards, 4, augment, SimpleTokenizer(context_length=8), 0, 1, 5, 8, start=start
+    def batches(saved=None, step=0, num_batches=8):
+        stream, _ = build_stream(
+            sources, 4, augment, SimpleTokenizer(context_length=8), 0, 1, saved=saved, step=step, **settings
         )
         return list(itertools.islice(iter(batch_loader(stream, 0)), num_batches))
 
     full = batches()
-    position = LoaderPosition.start(0)
+    positions = StreamPositions({}, -1)
     for batch in full[:3]:
-        position.advance(batch)
-    resumed = batches(position, 5)
+        positions.advance(batch)
+    spec = OrderSpec(sources[0].name, [24], 1.0)
+    saved = StreamPositions.merge([positions.to_list()], [spec], [2], 5, 4).to_dict()
+    resumed = batches(saved, 3, 5)
     assert [b["keys"] for b in resumed] == [b["keys"] for b in full[3:]]
     for ours, theirs in zip(resumed, full[3:], strict=True):
         assert torch.equal(ours["images"], theirs["images"])

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from clip_pipe.data import ImageTextStream, ShardReader, batch_loader, expand, list_shards
+from clip_pipe.config import SourceConfig
+from clip_pipe.data import ShardReader, batch_loader, build_stream, expand, list_shards, list_sources
 from clip_pipe.data.augment import TrainAugment
 from clip_pipe.distributed import free_port
 from tests.conftest import REPO, write_train_shards
@@ -95,12 +96,12 @@ def test_a_folder_of_ours_still_reads_as_before(tmp_path):
 def test_img2dataset_samples_train_without_conversion(tmp_path):
     """K.jpg / K.png / K.webp + K.txt + K.json, as img2dataset writes them, make batches as they are."""
     folder = write_img2dataset_shards(tmp_path / "laion", [6, 6])
-    shards = list_shards([str(folder)])
+    sources = list_sources([SourceConfig([str(folder)])])
     augment = TrainAugment(16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     from open_clip.tokenizer import SimpleTokenizer
 
-    stream = ImageTextStream(
-        shards, 4, augment, SimpleTokenizer(context_length=16), 0, 1, seed=0, shuffle_buffer=0
+    stream, _ = build_stream(
+        sources, 4, augment, SimpleTokenizer(context_length=16), 0, 1, num_streams=1, seed=0, shuffle_buffer=0
     )
     batches = [b for _, b in zip(range(3), batch_loader(stream, 0), strict=False)]
     keys = [k for b in batches for k in b["keys"]]
@@ -200,3 +201,61 @@ def test_bad_credentials_fail_training_at_start_up_in_one_line(tmp_path, s3, mon
     assert len(error_lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "access denied" in error_lines[0] and "AWS_ACCESS_KEY_ID" in error_lines[0]
     assert time.monotonic() - start < 120
+
+
+# --- start-up at scale: one count file per folder, not one per shard
+
+
+def test_count_shards_writes_sizes_json_beside_s3_shards(tmp_path, s3, capsys):
+    """`clip-pipe count-shards` reads the *_stats.json (and reads a shard that has none) and writes a
+    sizes.json beside the shards; from then on a run's start-up reads that one file, no stats file."""
+    from clip_pipe.cli import main
+
+    folder = write_img2dataset_shards(tmp_path / "laion", SIZES)
+    (folder / "00002_stats.json").unlink()  # counted by reading the shard
+    pattern = s3.upload(folder, "laion") + "{00000..00002}.tar"
+    with pytest.raises(ValueError, match="1 of 3 shards have no sample count"):
+        list_shards([pattern])
+    assert main(["count-shards", pattern]) == 0
+    assert f"wrote {s3.url('laion/sizes.json')}" in capsys.readouterr().out
+    sizes = s3.client.get_object(Bucket=s3.bucket, Key="laion/sizes.json")["Body"].read()
+    assert json.loads(sizes) == {"00000.tar": 7, "00001.tar": 5, "00002.tar": 3}
+
+    s3.faults.reset()
+    assert counts(list_shards([pattern])) == [("00000.tar", 7), ("00001.tar", 5), ("00002.tar", 3)]
+    gets = [Path(r.path).name for r in s3.faults.gets()]
+    assert gets == ["sizes.json"], gets  # (and one HEAD, for the first shard: the endpoint is checked)
+
+
+def test_count_shards_to_a_counts_file_where_the_shards_are_read_only(tmp_path, http, capsys):
+    from clip_pipe.cli import main
+    from clip_pipe.config import DataConfig
+    from clip_pipe.data import list_sources
+
+    write_img2dataset_shards(http.root / "laion", SIZES)
+    pattern = http.url("laion/{00000..00002}.tar")
+    assert main(["count-shards", pattern]) == 2
+    assert "cannot write to an HTTP server" in capsys.readouterr().err
+    out = tmp_path / "counts.json"
+    assert main(["count-shards", pattern, "--out", str(out)]) == 0
+    expected = {http.url(f"laion/{i:05d}.tar"): n for i, n in enumerate(SIZES)}
+    assert json.loads(out.read_text()) == expected
+
+    http.faults.reset()
+    data = DataConfig(train=[pattern], counts_file=str(out))
+    (source,) = list_sources(data.source_list, counts_file=data.counts_file)
+    assert {s.url: s.num_samples for s in source.shards} == expected
+    assert [r.method for r in http.faults.log] == ["HEAD"]  # the endpoint checked; no count file read
+    with pytest.raises(ValueError, match=r"data\.counts_file"):
+        list_sources(data.source_list, counts_file=str(tmp_path / "missing.json"))
+
+
+def test_count_shards_beside_local_shards(tmp_path):
+    from clip_pipe.data.sources import count_shards, write_counts
+
+    folder = write_img2dataset_shards(tmp_path / "laion", SIZES)
+    for path in folder.glob("*_stats.json"):
+        path.unlink()
+    (folder / "sizes.json").write_text(json.dumps({"00009.tar": 4}))  # kept: merged, not replaced
+    assert write_counts(count_shards([f"{folder}/{{00000..00001}}.tar"])) == [str(folder / "sizes.json")]
+    assert json.loads((folder / "sizes.json").read_text()) == {"00000.tar": 7, "00001.tar": 5, "00009.tar": 4}

@@ -3,7 +3,10 @@
 sources.py   data.train / data.sources -> weighted sources of shards with their sample counts (folders,
              brace patterns, '::', URLs, pipe:)
 order.py     the elastic global order: streams, blocks, the batch layout, each slot's share; positions
-open.py      shard URL -> samples: local, fsspec (s3, gs), http(s), pipe:; fetched ahead, retried
+open.py      shard URL -> samples: local, remote, pipe: (ShardReader, one per loader slot)
+fetch.py     remote shards as byte ranges fetched ahead, one budget shared by a slot's streams
+stores.py    byte ranges of remote files: fsspec (s3, gs, ...), httpx (http, https)
+retry.py     transient failures retried with backoff, permanent ones lose the shard (counted)
 cache.py     the optional bounded local cache of remote shards
 tar.py       the lean tar reader
 decode.py    header sizes, the pixel limit, uint8 decode (JPEGs at a reduced scale where the crop allows)
@@ -13,7 +16,7 @@ stream.py    ImageTextStream and batch_loader: stages -> batches -> the trainer
 
 from clip_pipe.data.cache import ShardCache
 from clip_pipe.data.decode import IMAGE_EXTENSIONS, decode_image, decode_uint8
-from clip_pipe.data.open import Retry, ShardReader, ShardUnavailable, shard_reader
+from clip_pipe.data.open import ShardReader, shard_reader
 from clip_pipe.data.order import (
     DataOrder,
     LoaderState,
@@ -22,6 +25,7 @@ from clip_pipe.data.order import (
     StreamPositions,
     resume_order,
 )
+from clip_pipe.data.retry import Retry, ShardUnavailable, StoreUnreachable
 from clip_pipe.data.sources import Shard, Source, expand, list_shards, list_sources
 from clip_pipe.data.stream import (
     CachedTokenizer,
@@ -49,6 +53,7 @@ __all__ = [
     "ShardReader",
     "ShardUnavailable",
     "Source",
+    "StoreUnreachable",
     "StreamPosition",
     "StreamPositions",
     "TarBlocks",

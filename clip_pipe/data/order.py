@@ -123,7 +123,7 @@ class SourceOrder:
         """Epoch mode: the epoch's shard order, the running sample count before each shard, and the
         shards read back to front (see `stream_range`)."""
         if epoch not in self._epochs:
-            if len(self._epochs) >= 2:  # streams are within an epoch of each other
+            if len(self._epochs) >= 3:  # streams are within an epoch of each other, and look one ahead
                 del self._epochs[min(self._epochs)]
             order = list(range(len(self.shard_sizes)))
             if self.shuffle:
@@ -204,10 +204,15 @@ class SourceOrder:
         return out
 
     def upcoming_shards(self, stream: int, epoch: int, block: int, num_shards: int) -> list[int]:
-        """The shards this stream reads from block `block` on (this epoch's), `num_shards` at most."""
+        """The next `num_shards` shards this stream reads from block `block` on: this epoch's, then the
+        next epoch's first (so that they arrive before this epoch's last shard ends)."""
         segments, counts = self.stream_range(stream, epoch)
         k = bisect.bisect_right(counts, block * self.block_size) - 1
-        return [shard for shard, _, _ in segments[k : k + num_shards]]
+        shards = [shard for shard, _, _ in segments[k : k + num_shards]]
+        if len(shards) < num_shards:
+            following = self.stream_range(stream, epoch + 1)[0][: num_shards - len(shards)]
+            shards += [shard for shard, _, _ in following]
+        return shards
 
     def permutation(self, stream: int, epoch: int, block: int, num_samples: int) -> list[int]:
         """The order in which a block's `num_samples` samples (those read) are given out."""

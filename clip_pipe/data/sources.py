@@ -30,15 +30,9 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from clip_pipe.data.open import (
-    Retry,
-    ShardUnavailable,
-    is_pipe,
-    is_remote,
-    local_path,
-    protocol,
-    store_for,
-)
+from clip_pipe.data.retry import Retry, ShardUnavailable
+from clip_pipe.data.stores import is_pipe, is_remote, local_path, protocol, store_for
+from clip_pipe.data.tar import TarError
 
 log = logging.getLogger(__name__)
 
@@ -64,34 +58,17 @@ def expand(specs: list[str]) -> list[str]:
 
 
 def list_shards(
-    specs: list[str], num_samples: int | None = None, timeout_s: float = 30.0, retry: Retry | None = None
+    specs: list[str],
+    num_samples: int | None = None,
+    timeout_s: float = 30.0,
+    retry: Retry | None = None,
+    known_counts: dict[str, int] | None = None,
 ) -> list[Shard]:
     """The shards `specs` name, with their sample counts; a `ValueError` in one line if any cannot be
-    found or counted. `retry` governs the start-up reads (by default, three tries in about two seconds)."""
+    found or counted. `known_counts` ({shard URL: samples}, `data.counts_file`) are taken first. `retry`
+    governs the start-up reads (by default, three tries in about two seconds)."""
     lister = _Lister(timeout_s, retry or Retry(num_retries=2, base_s=0.5))
-    urls: list[str] = []
-    counts: dict[str, int] = {}  # from sizes.json or *_stats.json
-    count_at: dict[str, str] = {}  # a shard (or pipe: command) -> the URL its count files sit beside
-    for item in expand(specs):
-        if is_pipe(item):
-            _check_command(item)
-            urls.append(item)
-            match = _SHARD_IN_COMMAND.search(item.removeprefix("pipe:"))
-            if match:
-                count_at[item] = match.group(0).strip("'\"")
-        elif item.endswith(TAR_SUFFIXES):
-            urls.append(item)
-            count_at[item] = item
-        else:
-            folder_urls, folder_counts = lister.folder(item)
-            urls += folder_urls
-            counts |= folder_counts
-            count_at |= {url: url for url in folder_urls}
-    lister.probe(u for u in urls if u in count_at and not is_pipe(u) and u not in counts)
-    counts |= lister.counts([count_at[u] for u in urls if u in count_at and u not in counts])
-    for url in urls:
-        if url not in counts and count_at.get(url) in counts:  # a pipe: command, counted by its shard
-            counts[url] = counts[count_at[url]]
+    urls, counts, _ = _gather(specs, lister, known_counts or {})
 
     uncounted = [u for u in urls if u not in counts]
     if uncounted:
@@ -126,6 +103,109 @@ def list_shards(
     return shards
 
 
+def _gather(
+    specs: list[str], lister: _Lister, known_counts: dict[str, int]
+) -> tuple[list[str], dict[str, int], dict[str, str]]:
+    """The shard URLs `specs` name, the counts their files give (or `known_counts`), and for each shard
+    (or pipe: command) the URL its count files sit beside."""
+    urls: list[str] = []
+    counts: dict[str, int] = {}  # from known_counts, sizes.json or *_stats.json
+    count_at: dict[str, str] = {}
+    for item in expand(specs):
+        if is_pipe(item):
+            _check_command(item)
+            urls.append(item)
+            match = _SHARD_IN_COMMAND.search(item.removeprefix("pipe:"))
+            if match:
+                count_at[item] = match.group(0).strip("'\"")
+        elif item.endswith(TAR_SUFFIXES):
+            urls.append(item)
+            count_at[item] = item
+        else:
+            folder_urls, folder_counts = lister.folder(item)
+            urls += folder_urls
+            counts |= folder_counts
+            count_at |= {url: url for url in folder_urls}
+    for url in urls:
+        if count_at.get(url) in known_counts:
+            counts[url] = known_counts[count_at[url]]
+    lister.probe(u for u in urls if u in count_at and not is_pipe(u))  # known counts or not
+    counts |= lister.counts([count_at[u] for u in urls if u in count_at and u not in counts])
+    for url in urls:
+        if url not in counts and count_at.get(url) in counts:  # a pipe: command, counted by its shard
+            counts[url] = counts[count_at[url]]
+    return urls, counts, count_at
+
+
+def count_shards(specs: list[str], timeout_s: float = 30.0, num_threads: int = 16) -> dict[str, int]:
+    """{shard URL: samples} for every shard `specs` name: from the sizes.json or *_stats.json beside it
+    (read concurrently), else counted by reading the shard itself (`num_threads` at once). For a pipe:
+    command, the URL is its shard's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clip_pipe.data.open import ShardReader
+
+    lister = _Lister(timeout_s, Retry(num_retries=2, base_s=0.5))
+    urls, counts, count_at = _gather(specs, lister, {})
+    uncounted = [u for u in urls if u not in counts]
+
+    def read(url: str) -> int:
+        reader = ShardReader(num_fetches=2, timeout_s=timeout_s)
+        try:
+            return sum(1 for _ in reader.samples(url))
+        except (OSError, TarError) as exn:
+            raise ValueError(f"{url}: cannot be counted: {exn}") from None
+        finally:
+            reader.close()
+
+    if uncounted:
+        log.info("%d shards have no count file: reading them to count their samples", len(uncounted))
+        with ThreadPoolExecutor(num_threads) as pool:
+            counts |= dict(zip(uncounted, pool.map(read, uncounted), strict=True))
+    return {count_at.get(url, url): counts[url] for url in urls}
+
+
+def write_counts(counts: dict[str, int], out: str | None = None, timeout_s: float = 30.0) -> list[str]:
+    """Writes `count_shards`' counts: to `out` as {shard URL: samples} (`data.counts_file` reads it), or
+    else as a sizes.json beside the shards of each folder (merged into one already there), which every
+    run then reads in one request per folder, and open_clip reads too. Returns what was written."""
+    if out is not None:
+        Path(out).write_text(json.dumps(dict(sorted(counts.items())), indent=0) + "\n")
+        return [out]
+    by_folder: dict[str, dict[str, int]] = {}
+    for url, num in counts.items():
+        by_folder.setdefault(_dirname(url), {})[posixpath.basename(url)] = num
+    lister = _Lister(timeout_s, Retry(num_retries=2, base_s=0.5))
+    written = []
+    for folder, sizes in by_folder.items():
+        merged = (lister.sizes_json(folder) or {}) | sizes
+        target, raw = _join(folder, "sizes.json"), json.dumps(dict(sorted(merged.items())), indent=0).encode()
+        if is_remote(folder):
+            lister._call(
+                target, lambda target=target, raw=raw: store_for(target, timeout_s).write(target, raw)
+            )
+        else:
+            path = Path(target)
+            path.with_suffix(".json.tmp").write_bytes(raw)
+            path.with_suffix(".json.tmp").replace(path)
+        written.append(target)
+    return written
+
+
+def read_counts_file(path: str) -> dict[str, int]:
+    """`data.counts_file`: {shard URL: samples}, as `clip-pipe count-shards --out` writes it."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exn:
+        raise ValueError(f"data.counts_file: {exn}") from None
+    counts = _parse_json(raw, path)
+    if not isinstance(counts, dict) or not all(isinstance(n, int) for n in counts.values()):
+        raise ValueError(
+            f"{path}: not a counts file ({{shard URL: samples}}, as clip-pipe count-shards writes)"
+        )
+    return counts
+
+
 def _check_command(item: str) -> None:
     words = shlex.split(item.removeprefix("pipe:"))
     if not words:
@@ -158,7 +238,7 @@ class _Lister:
         self.sizes: dict[str, dict | None] = {}  # folder -> its sizes.json, if it has one
 
     def folder(self, folder: str) -> tuple[list[str], dict[str, int]]:
-        """A folder's shards and the counts its files give."""
+        """A folder's shards and the counts its sizes.json gives (`counts` reads the *_stats.json)."""
         if not is_remote(folder):
             path = Path(local_path(folder))
             if not path.is_dir():
@@ -179,10 +259,7 @@ class _Lister:
         shard_names = [n for n in names if n.endswith(TAR_SUFFIXES)]
         if not shard_names:
             raise ValueError(f"{folder}: no sizes.json and no *.tar files; is this a folder of shards?")
-        urls = [_join(folder, n) for n in shard_names]
-        stats = [_join(folder, _stats_name(u)) for u in urls if _stats_name(u) in names]
-        found = self._read_stats(stats)
-        return urls, {u: found[s] for u in urls if (s := _join(folder, _stats_name(u))) in found}
+        return [_join(folder, n) for n in shard_names], {}
 
     def sizes_json(self, folder: str) -> dict | None:
         if folder not in self.sizes:
@@ -302,10 +379,15 @@ class Source:
     weight: float
 
 
-def list_sources(configs: list, timeout_s: float = 30.0) -> list[Source]:
-    """`data.source_list` (entries with `train`, `weight` and `num_samples`) -> sources with their shards."""
+def list_sources(configs: list, timeout_s: float = 30.0, counts_file: str | None = None) -> list[Source]:
+    """`data.source_list` (entries with `train`, `weight` and `num_samples`) -> sources with their shards;
+    `counts_file` (`data.counts_file`) gives counts before any file beside the shards is read."""
+    known = read_counts_file(counts_file) if counts_file else None
     sources = [
-        Source("::".join(c.train), list_shards(c.train, c.num_samples, timeout_s), c.weight) for c in configs
+        Source(
+            "::".join(c.train), list_shards(c.train, c.num_samples, timeout_s, known_counts=known), c.weight
+        )
+        for c in configs
     ]
     names = [s.name for s in sources]
     if len(set(names)) < len(names):

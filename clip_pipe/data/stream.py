@@ -75,21 +75,36 @@ class TarBlocks:
     from its start and drops the samples before the block, without decoding them. A shard that stops
     being readable (truncated, corrupt, missing) gives what it had; the promised samples from there on
     are lost, counted once by the stream (order.py) and logged once per shard here.
+
+    Each stream tells the slot's reader which shards it opens next (its own plan, beside the other
+    streams'), so that they are fetched ahead. A fork (a stand-in's search) reads without hints.
     """
 
-    def __init__(self, shards: list[Shard], reader: ShardReader, unreadable: dict[int, int] | None = None):
-        self.shards, self.reader = shards, reader
+    def __init__(
+        self,
+        shards: list[Shard],
+        reader: ShardReader,
+        unreadable: dict[int, int] | None = None,
+        hints: bool = True,
+    ):
+        self.shards, self.reader, self.hints = shards, reader, hints
         self._open: tuple[int, int, Iterator[dict]] | None = None  # shard, index of its next sample, samples
         self._unreadable = {} if unreadable is None else unreadable  # shard -> its first unreadable sample
         self._hinted: list[int] = []
 
     def fork(self) -> TarBlocks:
-        return TarBlocks(self.shards, self.reader, self._unreadable)
+        return TarBlocks(self.shards, self.reader, self._unreadable, hints=False)
+
+    def hint(self, upcoming: list[int]) -> None:
+        """Tell the reader the shards this stream opens next."""
+        if self.hints and upcoming != self._hinted:
+            self.reader.prefetch([self.shards[s].url for s in upcoming], stream=self)
+            self._hinted = upcoming
 
     def __call__(self, segments: list[Segment], upcoming: list[int]) -> tuple[list[dict], int]:
-        if upcoming != self._hinted:  # the remote reader fetches these ahead
-            self.reader.prefetch([self.shards[s].url for s in upcoming])
-            self._hinted = upcoming
+        # `upcoming` starts with this block's shard: already open if the block carries on in it.
+        carries_on = self._open is not None and self._open[:2] == segments[0][:2]
+        self.hint(upcoming[1:] if carries_on else upcoming)
         samples: list[dict] = []
         num_lost = 0
         for shard, first, end in segments:
@@ -102,8 +117,8 @@ class TarBlocks:
         if self._open is not None and self._open[:2] == (shard, first):
             _, index, samples = self._open
         else:
-            self.close()
-            index, samples = 0, self.reader.samples(self.shards[shard].url)
+            self._close_shard()
+            index, samples = 0, self.reader.samples(self.shards[shard].url, stream=self)
         self._open, num_read, why = None, 0, "it ends early"
         try:
             while index < end:
@@ -121,14 +136,29 @@ class TarBlocks:
             self._unreadable[shard] = index
             url, size = self.shards[shard].url, self.shards[shard].num_samples
             log.warning("%s: samples %d to %d of %d unreadable (%s)", url, index, size - 1, size, why)
+        elif index == self.shards[shard].num_samples:
+            # Read to the end of the archive, so that the reader finishes the shard (a remote one is
+            # then kept in the cache; a local one is closed now) rather than abandon it.
+            try:
+                for _ in samples:  # a tar that holds more than its count promised: the rest goes unused
+                    samples.close()
+            except (OSError, TarError) as exn:  # every sample was read: nothing is lost
+                log.warning("%s: after its last sample: %r", self.shards[shard].url, exn)
         else:
             self._open = (shard, index, samples)
         return num_read
 
-    def close(self) -> None:
+    def _close_shard(self) -> None:
         if self._open is not None:
             self._open[2].close()
             self._open = None
+
+    def close(self) -> None:
+        """The stream is done: its open shard and its plan go."""
+        self._close_shard()
+        if self._hinted:
+            self.reader.prefetch([], stream=self)
+            self._hinted = []
 
 
 class ImageTextStream(IterableDataset):
@@ -177,6 +207,9 @@ class ImageTextStream(IterableDataset):
             lo, hi, self.start, lambda i: TarBlocks(self.shards[i], reader, unreadable[i])
         )
         by_name = {self.order.layout.streams[k]: stream for k, stream in streams.items()}
+        for stream in streams.values():  # every stream's first shards fetched ahead at once, side by side
+            start = stream.position
+            stream.read_block.hint(stream.order.upcoming_shards(stream.index, start.epoch, start.block, 4))
         try:
             for piece in slot_pieces(self.order.layout, lo, hi, streams, self.step):
                 yield self._piece(piece, by_name)
@@ -184,7 +217,9 @@ class ImageTextStream(IterableDataset):
             for stream in streams.values():
                 stream.read_block.close()
 
-    def _decode(self, sample: dict, seed: int, log_errors: bool) -> tuple[torch.Tensor | CropSource, str] | None:
+    def _decode(
+        self, sample: dict, seed: int, log_errors: bool
+    ) -> tuple[torch.Tensor | CropSource, str] | None:
         """(the image, ready for `augment.crop` with a generator seeded by `seed`; the caption)."""
         try:  # only what depends on the data: a bad sample is counted and stood in for, never fatal
             # The views need the whole image; the crop alone draws its box first and decodes only as
@@ -270,7 +305,15 @@ def build_stream(
     start = resume_order(saved, specs, global_batch, num_streams, seed, step)
     order = DataOrder.build(specs, global_batch, start.source_streams, start.seed, shuffle_buffer, resampled)
     stream = ImageTextStream(
-        order, [s.shards for s in sources], augment, tokenizer, rank, world_size, start.positions, step, views,
+        order,
+        [s.shards for s in sources],
+        augment,
+        tokenizer,
+        rank,
+        world_size,
+        start.positions,
+        step,
+        views,
         reader,
     )
     return stream, start
