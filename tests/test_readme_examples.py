@@ -88,3 +88,13 @@ def check_example(name: str, workdir: Path, port: int = 0) -> None:
 )
 def test_readme_example_runs_and_prints_what_the_readme_shows(name, workdir, server):
     check_example(name, workdir, server.port)
+
+
+def test_every_recipe_the_docs_name_exists():
+    """A command a reader copies must find its recipe (a rename once left the README's S3 example on a
+    file that was gone)."""
+    named = set()
+    for doc in [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "slurm").iterdir()]:
+        named |= set(re.findall(r"configs/([A-Za-z0-9_.-]+\.yaml)", doc.read_text()))
+    assert named, "no recipe found in the docs: the pattern is wrong"
+    assert sorted(n for n in named if not (REPO / "configs" / n).is_file()) == []
