@@ -71,7 +71,9 @@ BUCKET = "bench"
 # ------------------------------------------------------------------------------------------ the data
 
 
-def write_shards(folder: Path, root: Path | None, num_shards: int, per_shard: int, sides: tuple[int, int]) -> None:
+def write_shards(
+    folder: Path, root: Path | None, num_shards: int, per_shard: int, sides: tuple[int, int]
+) -> None:
     """img2dataset-layout shards of JPEGs of `root`'s stamps (None: generated images), sides in `sides`."""
     num_samples = num_shards * per_shard
     if root is not None:
@@ -112,7 +114,9 @@ def serve(kind: str, root: str, latency_s: float, bytes_per_s: float, ports) -> 
 def start_server(kind: str, root: Path, latency_s: float, bytes_per_s: float):
     context = multiprocessing.get_context("spawn")
     ports = context.Queue()
-    process = context.Process(target=serve, args=(kind, str(root), latency_s, bytes_per_s, ports), daemon=True)
+    process = context.Process(
+        target=serve, args=(kind, str(root), latency_s, bytes_per_s, ports), daemon=True
+    )
     process.start()
     return process, ports.get(timeout=120)
 
@@ -231,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="PNGs with .txt captions beside them")
     parser.add_argument("--shards", type=int, default=12)
     parser.add_argument("--per-shard", type=int, default=200, help="samples per shard")
-    parser.add_argument("--sides", type=int, nargs=2, default=[256, 512], help="JPEG sides, smallest and largest")
+    parser.add_argument(
+        "--sides", type=int, nargs=2, default=[256, 512], help="JPEG sides, smallest and largest"
+    )
     parser.add_argument("--workers", type=int, default=2, help="loader processes, for every tool")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=6, help="batches before timing (shuffle buffers fill)")
@@ -305,14 +311,17 @@ def main(argv: list[str] | None = None) -> None:
 
             rates: dict[str, list[float]] = {name: [] for name in variants}
             firsts: dict[str, list[float]] = {name: [] for name in variants}
-            for name, run in variants.items():  # warm-up: imports, page cache, the servers' first answers
+            for run in variants.values():  # warm-up: imports, page cache, the servers' first answers
                 run(100, 1, 1)
             for round_index in range(args.rounds):
                 for name, run in variants.items():
                     rate, first_s = run(round_index, args.warmup, args.batches)
                     rates[name].append(rate)
                     firsts[name].append(first_s)
-                    print(f"round {round_index} {name}: {rate:.0f} samples/s, first batch {first_s:.2f} s", flush=True)
+                    print(
+                        f"round {round_index} {name}: {rate:.0f} samples/s, first batch {first_s:.2f} s",
+                        flush=True,
+                    )
         finally:
             for server in servers:
                 server.kill()
@@ -337,8 +346,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{convert_s:.1f} s, upload to S3 {upload_s:.1f} s (not in the rates)"
         )
     else:
-        print("MosaicML Streaming not found (set MOSAIC_STREAMING to its --target folder); its row is left out")
-    print("\n| loader | samples/s (median) | first batch, s (median) | vs ours, local disk: median (min–max) |")
+        print(
+            "MosaicML Streaming not found (set MOSAIC_STREAMING to its --target folder); its row is left out"
+        )
+    print(
+        "\n| loader | samples/s (median) | first batch, s (median) | vs ours, local disk: median (min–max) |"
+    )
     print("|---|---|---|---|")
 
     def ratios(a: str, b: str) -> list[float]:
