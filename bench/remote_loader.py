@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=30)
     parser.add_argument("--mb-per-s", type=float, default=20, help="per connection")
     parser.add_argument("--num-fetches", type=int, default=8, help="ours: data.num_fetches")
+    parser.add_argument("--only", nargs="+", help="run the variants whose names contain one of these")
     parser.add_argument("--smoke", action="store_true", help="generated images, tiny sizes: checks it runs")
     args = parser.parse_args(argv)
     root = None if args.smoke else args.root
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
                 ),
             }
             conversion = None
-            if streaming is not None:
+            if streaming is not None and (not args.only or any(o in "MosaicML" for o in args.only)):
                 os.environ["S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]  # where Mosaic looks
                 start = time.perf_counter()
                 num_converted = convert_to_mds(streaming, shards, Path(tmp) / "mds")
@@ -309,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
                     streaming, f"s3://{BUCKET}/mds", args, preprocess, tokenizer, s, w, n, next(caches)
                 )
 
+            if args.only:
+                variants = {k: v for k, v in variants.items() if any(o in k for o in args.only)}
             rates: dict[str, list[float]] = {name: [] for name in variants}
             firsts: dict[str, list[float]] = {name: [] for name in variants}
             for run in variants.values():  # warm-up: imports, page cache, the servers' first answers
@@ -345,13 +348,12 @@ def main(argv: list[str] | None = None) -> None:
             f"MosaicML Streaming {streaming.__version__}: conversion of the {num_converted} samples to MDS "
             f"{convert_s:.1f} s, upload to S3 {upload_s:.1f} s (not in the rates)"
         )
-    else:
+    elif streaming is None:
         print(
             "MosaicML Streaming not found (set MOSAIC_STREAMING to its --target folder); its row is left out"
         )
-    print(
-        "\n| loader | samples/s (median) | first batch, s (median) | vs ours, local disk: median (min–max) |"
-    )
+    base = "ours, local disk" if "ours, local disk" in rates else next(iter(rates))
+    print(f"\n| loader | samples/s (median) | first batch, s (median) | vs {base}: median (min–max) |")
     print("|---|---|---|---|")
 
     def ratios(a: str, b: str) -> list[float]:
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in rates:
         print(
             f"| {name} | {statistics.median(rates[name]):.0f} | {statistics.median(firsts[name]):.2f} | "
-            f"{spread(ratios(name, 'ours, local disk'))} |"
+            f"{spread(ratios(name, base))} |"
         )
     print("\n| goal | ratio: median (min–max) | verdict |")
     print("|---|---|---|")
@@ -374,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
         ("(open_clip HTTP / open_clip local)", "open_clip, HTTP (pipe:curl)", "open_clip, local disk", None),
         ("(ours local / open_clip local)", "ours, local disk", "open_clip, local disk", None),
     ):
+        if a not in rates or b not in rates:
+            continue
         values = ratios(a, b)
         verdict = "—" if goal is None else ("met" if statistics.median(values) >= goal else "not met")
         print(f"| {label} | {spread(values)} | {verdict} |")
