@@ -33,6 +33,8 @@ times `--batches` more: steady-state samples/s, the figure the goals are judged 
 whole run's samples/s (from building the loader to the last timed batch: listing, worker start, the
 first fetches and, for Mosaic, its first whole-shard downloads) and the time to the first batch; and
 for ours the samples stood in for (any would mean the remote reads lost data, and spoil the figure).
+The store's servers share this machine's cores with the loaders (a cloud store's CPU is not yours), so
+the table also gives the CPU they used, in cores, over each run.
 Rounds alternate between the variants after a warm-up run of each; the table gives the median of each
 and the medians of the per-round ratios with their range.
 
@@ -138,6 +140,10 @@ class Run:
     """seconds from building the loader to its first batch"""
     num_skipped: int = 0
     """ours: samples stood in for (unreadable, or lost with their shard); nonzero spoils the comparison"""
+    wall_s: float = 0.0
+    """seconds from building the loader to the last timed batch"""
+    store_cores: float = 0.0
+    """CPU the store's server processes used over the run, in cores (they share this machine's)"""
 
 
 def timed_batches(batches, warmup: int, num_batches: int, start: float) -> Run:
@@ -155,7 +161,18 @@ def timed_batches(batches, warmup: int, num_batches: int, start: float) -> Run:
         num_skipped += batch["num_skipped"] if ours else 0
     end = time.perf_counter()
     whole = (num_samples / num_batches) * (warmup + num_batches) / (end - start)
-    return Run(num_samples / (end - t0), whole, first_s, num_skipped)
+    return Run(num_samples / (end - t0), whole, first_s, num_skipped, end - start)
+
+
+def cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used (Linux's /proc; 0 elsewhere)."""
+    total = 0.0
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat")
+        if stat.is_file():
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def end_workers(loader: torch.utils.data.DataLoader) -> None:
@@ -339,10 +356,13 @@ def main(argv: list[str] | None = None) -> None:
                 run(100, 1, 1)
             for round_index in range(args.rounds):
                 for name, run in variants.items():
+                    store_cpu = cpu_s([http.pid, s3.pid])
                     runs[name].append(result := run(round_index, args.warmup, args.batches))
+                    result.store_cores = (cpu_s([http.pid, s3.pid]) - store_cpu) / result.wall_s
                     print(
                         f"round {round_index} {name}: {result.steady:.0f} samples/s steady, {result.whole:.0f} "
-                        f"whole run, first batch {result.first_s:.2f} s, {result.num_skipped} skipped",
+                        f"whole run, first batch {result.first_s:.2f} s, {result.num_skipped} skipped, store "
+                        f"{result.store_cores:.2f} cores",
                         flush=True,
                     )
         finally:
@@ -377,9 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     wholes = {name: [r.whole for r in results] for name, results in runs.items()}
     print(
         f"\n| loader | samples/s, steady (median) | vs {base}: median (min–max) | samples/s, whole run "
-        "(median) | first batch, s (median) | samples skipped |"
+        "(median) | first batch, s (median) | store's CPU, cores (median) | samples skipped |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
 
     def ratios(a: str, b: str) -> list[float]:
         return [x / y for x, y in zip(rates[a], rates[b], strict=True)]
@@ -391,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| {name} | {statistics.median(rates[name]):.0f} | {spread(ratios(name, base))} | "
             f"{statistics.median(wholes[name]):.0f} | {statistics.median(r.first_s for r in runs[name]):.2f} | "
+            f"{statistics.median(r.store_cores for r in runs[name]):.2f} | "
             f"{sum(r.num_skipped for r in runs[name]) if name.startswith('ours') else '—'} |"
         )
     print("\n| goal | ratio: median (min–max) | verdict |")
