@@ -84,6 +84,7 @@ def smoke_commands(folder: Path) -> dict[str, list[str]]:
         "hf_clip": [str(model_file), str(folder / "hf")],  # it checks the two models' embeddings itself
         "loader": ["--shards", str(train), "--batch", "8", "--batches", "2", "--rounds", "1", "--profile-samples", "16"],
         "prep": ["--smoke", "--work", str(folder / "prep")],
+        "remote_loader": ["--smoke"],  # generated images; MosaicML Streaming's row where MOSAIC_STREAMING is set
     }  # fmt: skip
 
 
@@ -168,6 +169,33 @@ def test_prep(smoke):
             "(its own venv: pip install img2dataset)", expected_in_ci=False,
         )  # fmt: skip
     assert "| ratio (ours / img2dataset) |" in out
+
+
+def test_remote_loader(smoke):
+    out = smoke["remote_loader"].result()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    for name in (
+        "ours, local disk",
+        "ours, HTTP",
+        "ours, S3",
+        "open_clip, local disk",
+        "open_clip, HTTP (pipe:curl)",
+    ):
+        assert float(rows[name].split(" | ")[1]) > 0, rows[name]  # samples/s
+        assert not name.startswith("ours") or rows[name].endswith("| 0 |"), rows[name]  # none stood in for
+    for goal in (
+        "ours HTTP / ours local ≥ 0.9",
+        "ours S3 / ours local ≥ 0.9",
+        "ours HTTP / open_clip HTTP ≥ 4",
+    ):
+        assert rows[goal].endswith(("| met |", "| not met |")), rows[goal]
+    if "MosaicML Streaming not found" in out:
+        missing(
+            "mosaicml-streaming", "ours and open_clip's ran; for Mosaic's row: pip install --target DIR --no-deps "
+            "mosaicml-streaming xxhash zstd python-snappy brotli cramjam catalogue; MOSAIC_STREAMING=DIR",
+            expected_in_ci=False,
+        )  # fmt: skip
+    assert float(rows["MosaicML Streaming, S3 (MDS)"].split(" | ")[1]) > 0
 
 
 @needs(torch.cuda.is_available(), *NO_CUDA, expected_in_ci=False)
