@@ -236,7 +236,8 @@ def main() -> None:
         "--smoke", action="store_true", help="CPU, clip-pipe-test, tiny batch: check the script"
     )
     parser.add_argument(
-        "--planner-gpu", help="the GPU the planner predicts for (default: this device; a CPU is none it knows)"
+        "--planner-gpu",
+        help="the GPU the planner predicts for (default: this device; a CPU is none it knows)",
     )
     args = parser.parse_args()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")

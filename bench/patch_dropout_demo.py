@@ -97,7 +97,9 @@ def main() -> None:
             shutil.rmtree(out)
         if resume_from is not None:
             shutil.copytree(resume_from, out)
-        result = train(out, args.config, args.ranks, args.eval_set, [*args.set, *overrides], resume_from is not None)
+        result = train(
+            out, args.config, args.ranks, args.eval_set, [*args.set, *overrides], resume_from is not None
+        )
         record = {"name": name, **fields, **result}
         with results_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
