@@ -59,7 +59,7 @@ def run_bench(module: str, *args: str) -> str:
 
 def last_json(stdout: str) -> dict:
     """The JSON table a bench prints last (json.dumps(..., indent=2) starts it with a lone '{')."""
-    return json.loads(stdout[stdout.rindex("\n{\n") + 1 :] if not stdout.startswith("{\n") else stdout)
+    return json.loads(stdout[stdout.rfind("\n{\n") + 1 :])  # from 0 where no line comes before it
 
 
 def markdown_rows(stdout: str, header: str) -> list[list[str]]:
