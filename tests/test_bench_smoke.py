@@ -336,10 +336,12 @@ def test_gpu_levers(smoke):
     assert [row[:34].strip() for row in rows] == variants
     plain = float(rows[0][34:].split()[0])
     for row in rows:
-        rate, versus = row[34:].split()[:2]
-        assert float(rate) > 0 and float(versus.rstrip("x")) == pytest.approx(float(rate) / plain, rel=0.1), (
-            row
-        )
+        rate, versus = (float(cell.rstrip("x")) for cell in row[34:].split()[:2])
+        # the ratio of the two rates, as far as the printed rates (whole samples/s) and ratio tell
+        assert (
+            rate > 0
+            and (rate - 0.5) / (plain + 0.5) - 0.005 <= versus <= (rate + 0.5) / (plain - 0.5) + 0.005
+        ), row
         assert re.search(r"planner: \d+ samples/s at \d+% utilisation, peak [\d.]+ GiB$", row), row
 
 
