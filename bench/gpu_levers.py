@@ -11,7 +11,8 @@ Timings: ViT-B/16, 224 px, bf16, ZeRO-0, one rank, `--batch` per step, steady-st
 `--steps` after warm-up, peak CUDA memory, MFU against the chip's measured bf16 matmul rate.
 
     python -m bench.gpu_levers [--batch 256 --steps 20]
-    python -m bench.gpu_levers --smoke     # CPU: the same code paths on clip-pipe-test, to check the script
+    python -m bench.gpu_levers --smoke --planner-gpu H100-SXM   # CPU: the same code paths on clip-pipe-test,
+                                                                # to check the script
 """
 
 from __future__ import annotations
@@ -234,6 +235,10 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="CPU, clip-pipe-test, tiny batch: check the script"
     )
+    parser.add_argument(
+        "--planner-gpu",
+        help="the GPU the planner predicts for (default: this device; a CPU is none it knows)",
+    )
     args = parser.parse_args()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -251,11 +256,13 @@ def main() -> None:
         check_compile(model_name)
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    planner_gpu = args.planner_gpu or gpu
     peak = matmul_tflops() if torch.cuda.is_available() else float("nan")
     print(f"\n{model_name} 224 px, bf16, ZeRO-0, 1 rank, batch {batch}, {steps} steps after 3 warm-up; {gpu}; "
           f"bf16 matmul {peak:.0f} TFLOP/s")  # fmt: skip
     print(
-        f"{'variant':<34} {'samples/s':>9} {'vs plain':>8} {'peak GiB':>8} {'MFU':>6}  planner's prediction"
+        f"{'variant':<34} {'samples/s':>9} {'vs plain':>8} {'peak GiB':>8} {'MFU':>6}  "
+        f"planner's prediction for {planner_gpu}"
     )
     plain = None
     for name, overrides in VARIANTS.items():
@@ -264,7 +271,7 @@ def main() -> None:
         mfu = r["samples_per_s"] * flops_per_sample(model_name, dropout) / (peak * 1e12)
         plain = plain or r["samples_per_s"]
         print(f"{name:<34} {r['samples_per_s']:>9.0f} {r['samples_per_s'] / plain:>7.2f}x {r['peak_gib']:>8.1f} "
-              f"{mfu:>6.1%}  {planner_prediction(gpu, model_name, batch, overrides)}", flush=True)  # fmt: skip
+              f"{mfu:>6.1%}  {planner_prediction(planner_gpu, model_name, batch, overrides)}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

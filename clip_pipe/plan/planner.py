@@ -178,7 +178,7 @@ def model_view(setup: Setup, model_cfg: dict | None = None) -> _Model:
         if model_cfg is None
         else model_cfg
     )
-    a = arch_.architecture(setup.model, cfg)
+    a = _architecture(setup.model, json.dumps(cfg, sort_keys=True))
     image = a.image
     if setup.patch_dropout > 0:  # open_clip's PatchDropout keeps int(patches × keep) and the class token
         image = image.with_tokens(max(1, int(image.num_patches * (1 - setup.patch_dropout))) + 1)
