@@ -2,7 +2,10 @@
 
 import os
 import platform
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import torch
 
 # The CPU flags that change which kernels torch, oneDNN and MKL run (and whether bf16 is native).
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -27,3 +30,16 @@ def machine_description() -> str:
     )
     caps = [f"{name}={os.environ[name]}" for name in KERNEL_CAPS if name in os.environ]
     return description + (f"; emulating: {' '.join(caps)}" if caps else "")
+
+
+def normalised_on_cpu(batches: Iterable[dict], augment) -> Iterator[dict]:
+    """clip-pipe's batches as a CPU rank takes them: the loader hands on uint8 images, which the rank
+    normalises into a reused float tensor (clip_pipe/train.py's `_model_input`). Timing this iterator
+    counts that work, as open_clip's batches, normalised in its loader, count theirs."""
+    out = None
+    for batch in batches:
+        images = batch["images"]
+        if out is None or out.shape != images.shape:
+            out = torch.empty(images.shape, dtype=torch.float32)
+        augment.normalize(images, out)
+        yield batch

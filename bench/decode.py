@@ -12,7 +12,8 @@ Per shard, with one thread, these run over all its samples in turn, round after 
 - open_clip: webdataset's tar reader, PIL decode to RGB, `open_clip.image_transform(S, is_train=True)`
   per sample (RandomResizedCrop bicubic, ToTensor, Normalize), batched;
 - ours: clip-pipe's tar reader, `decode_for_crop` (the crop box drawn from the header, a reduced-scale
-  JPEG decode where the box allows) + `TrainAugment.crop`, `collate` per batch;
+  JPEG decode where the box allows) + `TrainAugment.crop`, `collate` per batch (uint8), normalised
+  into a reused float batch as a CPU rank does (`bench.common.normalised_on_cpu`);
 - ours, full decode: the same with `decode_uint8` (the full-resolution decode we had before);
 - PIL decode alone: `Image.open(...).load()` of each sample's JPEG bytes, already in memory.
 The table gives the median samples/s of each and the medians of the per-round ratios, with their range.
@@ -49,7 +50,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from bench.common import machine_description
+from bench.common import machine_description, normalised_on_cpu
 from clip_pipe.data.augment import TrainAugment
 from clip_pipe.data.decode import Box, CropSource, decode_for_crop, decode_uint8, jpeg_reduction
 from clip_pipe.data.tar import tar_samples
@@ -144,15 +145,20 @@ def run_open_clip(tar: Path, transform, batch: int) -> int:
 
 
 def run_ours(tar: Path, augment: TrainAugment, batch: int, reduced: bool) -> int:
-    num_samples, crops = 0, []
-    for index, sample in enumerate(tar_samples(str(tar))):
-        rng = random.Random(index)
-        decoded = decode_for_crop(sample, augment, rng) if reduced else decode_uint8(sample)
-        crops.append(augment.crop(decoded, rng))
-        if len(crops) == batch:
-            num_samples += len(augment.collate(crops))
-            crops = []
-    return num_samples + (len(augment.collate(crops)) if crops else 0)
+    def batches():
+        crops = []
+        for index, sample in enumerate(tar_samples(str(tar))):
+            rng = random.Random(index)
+            decoded = decode_for_crop(sample, augment, rng) if reduced else decode_uint8(sample)
+            crops.append(augment.crop(decoded, rng))
+            if len(crops) == batch:
+                yield {"images": augment.collate(crops)}
+                crops = []
+        if crops:
+            yield {"images": augment.collate(crops)}
+
+    # The float batch the model takes, as a CPU rank makes it from the loader's uint8 one.
+    return sum(len(b["images"]) for b in normalised_on_cpu(batches(), augment))
 
 
 def run_pil_decode(jpegs: list[bytes]) -> int:
@@ -199,12 +205,20 @@ def profile(
     )
     stage("crop + resize from decode_for_crop (ours)", lambda: [augment.crop(s, None) for s in sources])
     crops = [augment.crop(s, None) for s in sources]
-    stage(
-        "collate (ours): stack, to float, normalise",
+    batches = stage(
+        "collate (ours): stack uint8",
         lambda: [augment.collate(crops[i : i + batch]) for i in range(0, len(crops), batch)],
     )
-    # The float batch is fresh memory each time (B x 600 KB at 224 px, beyond malloc's reuse), and the
-    # kernel's first touch of each of its pages is part of collate's cost: this is that part alone.
+    stage(
+        "normalise on a CPU rank (ours): into a reused float batch",
+        lambda: list(normalised_on_cpu(({"images": b} for b in batches), augment)),
+    )
+    stage(
+        "  before: to float and normalise into a fresh batch",
+        lambda: [augment.normalize(b) for b in batches],
+    )
+    # A fresh float batch is new memory each time (B x 600 KB at 224 px, beyond malloc's reuse), and the
+    # kernel's first touch of each of its pages was most of collate's cost: this is that part alone.
     stage(
         "  of which: first touch of a fresh float batch",
         lambda: [

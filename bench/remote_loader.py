@@ -63,7 +63,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from bench.common import machine_description
+from bench.common import machine_description, normalised_on_cpu
 from bench.decode import DEFAULT_ROOT, source_images, square
 from clip_pipe.config import SourceConfig
 from clip_pipe.data import ShardReader, batch_loader, build_stream, list_sources
@@ -191,8 +191,8 @@ def run_ours(spec: str, args, augment: TrainAugment, tokenizer, seed: int, warmu
         reader=ShardReader(num_fetches=args.num_fetches),
     )  # fmt: skip
     loader = batch_loader(stream, args.workers)
-    try:
-        return timed_batches(iter(loader), warmup, num_batches, start)
+    try:  # uint8 batches, normalised here as a CPU rank does; open_clip's come normalised by its workers
+        return timed_batches(normalised_on_cpu(loader, augment), warmup, num_batches, start)
     finally:
         end_workers(loader.pieces)
 

@@ -40,6 +40,7 @@ from clip_pipe.data import (
     list_sources,
     shard_reader,
 )
+from clip_pipe.data.augment import TrainAugment
 from clip_pipe.data.views import TwoViews
 from clip_pipe.distributed import env_from_os, threads_per_rank
 from clip_pipe.engine import Engine, init_process_group
@@ -196,6 +197,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
             )  # fmt: skip
     data_positions = StreamPositions(start.positions, step - 1)
     batches = iter(batch_loader(stream, cfg.data.num_workers))
+    float_batches: dict[str, torch.Tensor] = {}  # a CPU rank's normalised batches, reused (_model_input)
     start_step, start_time = step, time.perf_counter()
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     progress = tqdm(
@@ -214,7 +216,11 @@ def _train(cfg: TrainConfig, resume: str | None, stop: _StopRequest) -> dict:
                 tune = cfg.optim.tune_steps
                 log.info("step %d: unmasked tune for the last %d steps, lr from %.2e", step, tune, lr)
             set_patch_dropout(engine.module, cfg.model.patch_dropout if masked_at(step, cfg) else 0.0)
-        loss, grad_norm = engine.train_step(batch["images"], batch["texts"], loss_fn, lr, batch.get("views"))
+        images, views = (
+            _model_input(batch.get(name), encoder.preprocess_train, engine.device, float_batches, name)
+            for name in ("images", "views")
+        )
+        loss, grad_norm = engine.train_step(images, batch["texts"], loss_fn, lr, views)
         num_skipped += batch["num_skipped"]
         step += 1
         window_steps += 1
@@ -360,6 +366,26 @@ def _gather_positions(
     specs = [OrderSpec(s.name, [shard.num_samples for shard in s.shards], s.weight) for s in sources]
     streams = order.layout.source_streams
     return StreamPositions.merge(per_rank, specs, streams, seed, order.layout.global_batch).to_dict()
+
+
+def _model_input(
+    pixels: torch.Tensor | None,
+    augment: TrainAugment,
+    device: torch.device,
+    float_batches: dict[str, torch.Tensor],
+    name: str,
+) -> torch.Tensor | None:
+    """The loader's uint8 `pixels` (images or views) moved to `device` and normalised there: the one
+    place training batches become the model's float input. On a CPU the float batch is written into
+    the last step's `float_batches[name]` (that step is done with it); a fresh one a step would fault in
+    every page anew."""
+    if pixels is None:
+        return None
+    pixels = pixels.to(device)
+    out = float_batches.get(name)
+    if device.type == "cpu" and (out is None or out.shape != pixels.shape):
+        out = float_batches[name] = torch.empty(pixels.shape, dtype=torch.float32)
+    return augment.normalize(pixels, out if device.type == "cpu" else None)
 
 
 def _sum_over_ranks(value, world_size: int, device: torch.device) -> float:

@@ -228,7 +228,7 @@ def test_uneven_shards_give_every_rank_the_same_full_batches(color_shards, num_w
         batches = list(itertools.islice(iter(loader), num_batches))
         assert len(batches) == num_batches
         for batch in batches:
-            assert batch["images"].shape == (8, 3, 16, 16)
+            assert batch["images"].shape == (8, 3, 16, 16) and batch["images"].dtype == torch.uint8
             assert batch["texts"].shape == (8, 16) and batch["texts"].dtype == torch.long
             assert batch["num_skipped"] == 0
 
@@ -345,7 +345,7 @@ def test_empty_shards_are_left_out(tmp_path):
 
 def test_augment_crops_like_torchvision_and_normalises_once_per_batch():
     """The uint8 crop draws boxes from torchvision's distribution and resizes them as open_clip's PIL
-    transform does; `collate` is ToTensor + Normalize."""
+    transform does; `collate` then `normalize` is ToTensor + Normalize."""
     from torchvision.transforms import InterpolationMode, RandomResizedCrop
     from torchvision.transforms import functional as TF
 
@@ -370,11 +370,42 @@ def test_augment_crops_like_torchvision_and_normalises_once_per_batch():
     expected = TF.pil_to_tensor(TF.resized_crop(pil, top, left, h, w, [20, 20], InterpolationMode.BICUBIC))
     assert crop.dtype == torch.uint8 and crop.shape == (3, 20, 20)
     assert (crop.float() - expected.float()).abs().mean() < 1.0
-    batch = augment.collate([crop, crop])
+    batch = augment.normalize(augment.collate([crop, crop]))
     normalised = TF.normalize(
         TF.to_tensor(crop.permute(1, 2, 0).numpy()), (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
     )
     torch.testing.assert_close(batch, torch.stack([normalised, normalised]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_rank_normalises_uint8_batches_bitwise_as_the_loader_did(color_shards, num_workers):
+    """The loader hands on uint8 batches and train.py normalises them on the rank: the float batch the
+    model sees is bit for bit what the loader's collate made before (stack, float(), mul_, add_), in a
+    fresh tensor or in the reused one a CPU rank writes into."""
+    from clip_pipe.train import _model_input
+
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    augment = NoisyAugment(16, mean=mean, std=std)
+    loader, _ = rank_loader([(color_shards, 1.0)], 8, 0, 1, num_workers, augment=augment)
+    batches = list(itertools.islice(iter(loader), 3))
+    # The same samples' crops, drawn again through the stream's own seeding, without the loader.
+    stream, _ = build_stream(
+        list_sources([SourceConfig([str(color_shards)])]), 8, augment, TOKENIZER, 0, 1,
+        num_streams=6, seed=0, shuffle_buffer=24,
+    )  # fmt: skip
+    pieces = list(itertools.islice(iter(stream), 3))
+    std_t, mean_t = torch.tensor(std).view(1, -1, 1, 1), torch.tensor(mean).view(1, -1, 1, 1)
+    float_batches: dict[str, torch.Tensor] = {}
+    for batch, piece in zip(batches, pieces, strict=True):
+        assert batch["images"].dtype == torch.uint8 and batch["keys"] == piece["keys"]
+        crops = list(piece["images"])
+        before = torch.stack(crops).float().mul_(1 / (255 * std_t)).add_(-mean_t / std_t)  # the old collate
+        model_input = _model_input(batch["images"], augment, torch.device("cpu"), float_batches, "images")
+        assert model_input.dtype == torch.float32
+        assert torch.equal(model_input, before)
+        assert torch.equal(augment.normalize(batch["images"]), before)
+    assert model_input.data_ptr() == float_batches["images"].data_ptr(), "a CPU rank reuses its buffer"
+    assert _model_input(None, augment, torch.device("cpu"), float_batches, "views") is None
 
 
 def test_cached_tokenizer_gives_the_tokenizers_ids():

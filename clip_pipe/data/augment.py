@@ -1,10 +1,12 @@
-"""Training augmentation on uint8 images, normalised once per batch.
+"""Training augmentation on uint8 images, normalised once per batch on the rank's device.
 
 open_clip's training transform (RandomResizedCrop, bicubic, scale 0.9-1, then to float and normalise)
 runs per sample on PIL images. Here the same crop runs on the decoded uint8 tensor (torch's antialiased
-bicubic, which follows PIL's kernel), the batch is stacked as uint8, and the float conversion and
-normalisation run once per batch. On the demo's 28-pixel images that is 4x cheaper per sample
-(docs/benchmarks.md, bench/loader.py).
+bicubic, which follows PIL's kernel), the loader batches the crops as uint8 (`collate`), and the rank
+converts and normalises each batch once, after moving it to its device (`normalize`), as GPU loaders
+(FFCV, DALI) do: a quarter of float's bytes through the worker queues and the host-to-device copy, and
+no fresh float tensor a batch in the loader, whose first touch of each page was 18% of its time
+(docs/benchmarks.md, bench/loader.py, bench/remote_loader.py).
 
 Crop parameters are drawn from a `random.Random` the caller seeds per sample, so a sample's crop
 depends on its place in the data stream alone (exact resume), not on any global generator.
@@ -27,7 +29,8 @@ CROP_RATIO = (3 / 4, 4 / 3)
 
 
 class TrainAugment:
-    """`crop(uint8 (3, H, W), rng) -> uint8 (3, h, w)` per sample, then `collate(crops) -> float (B, 3, h, w)`."""
+    """In the loader `crop(uint8 (3, H, W), rng) -> uint8 (3, h, w)` per sample and `collate(crops) -> uint8
+    (B, 3, h, w)`; on the rank `normalize(uint8 (..., 3, h, w)) -> float`, the model's input."""
 
     def __init__(
         self,
@@ -74,4 +77,14 @@ class TrainAugment:
         return F.interpolate(patch, size=self.size, mode="bicubic", antialias=True, align_corners=False)[0]
 
     def collate(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(crops).float().mul_(self.mul).add_(self.add)
+        return torch.stack(crops)
+
+    def normalize(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 images (..., 3, h, w) to float32 (x / 255 - mean) / std, on their device; into `out`
+        (float32, their shape) if given, which a CPU rank reuses: a fresh tensor's first touch of each
+        page costs more than the arithmetic (17 ms against 2.5 ms for 64 at 224 px)."""
+        assert images.dtype == torch.uint8, "the loader hands on uint8 batches"
+        # The integer to float conversion is exact either way, so `out` changes no bit of the result.
+        out = images.float() if out is None else out.copy_(images)
+        mul, add = (t.view(-1, 1, 1).to(images.device) for t in (self.mul, self.add))  # any leading dims
+        return out.mul_(mul).add_(add)

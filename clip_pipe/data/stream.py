@@ -162,13 +162,13 @@ class TarBlocks:
 
 
 class ImageTextStream(IterableDataset):
-    """One rank's batches as pieces, one per step and loader slot: {images (n,3,H,W), texts (n,L),
+    """One rank's batches as pieces, one per step and loader slot: {images uint8 (n,3,H,W), texts (n,L),
     keys, num_skipped, step, positions}, where n is the slot's share of the rank's batch.
 
-    Per sample: decode to a uint8 tensor and crop it (`augment.crop`); per piece: convert and normalise
-    (`augment.collate`) and tokenize. `start` (stream -> position) and `step` resume exactly where a
+    Per sample: decode to a uint8 tensor and crop it (`augment.crop`); per piece: stack the crops
+    (`augment.collate`, still uint8: the rank normalises them on its device) and tokenize. `start` (stream -> position) and `step` resume exactly where a
     checkpoint's `LoaderState` left off, on any number of ranks and workers. `views`, if given, maps each
-    decoded image to extra augmented views (V, 3, H, W), batched as `views` (n, V, 3, H, W); it draws
+    decoded image to extra augmented uint8 views (V, 3, H, W), batched as `views` (n, V, 3, H, W); it draws
     after the crop, so `images` are the same with or without it.
 
     A sample that cannot be decoded is counted in `num_skipped` and its place taken by the next sample

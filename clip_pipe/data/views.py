@@ -2,7 +2,8 @@
 
 SimCLR's augmentations, as SLIP uses them: random resized crop, colour jitter, grayscale, Gaussian
 blur, horizontal flip. They are drawn from torch's CPU generator, which the loader seeds per sample, so
-a resumed run draws the same views as an uninterrupted one.
+a resumed run draws the same views as an uninterrupted one. Like the training crops, the views stay
+uint8 in the loader; the rank normalises them with the images (`TrainAugment.normalize`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from clip_pipe.config import ImageSslConfig
 
 
 class TwoViews:
-    """image (PIL or uint8 tensor) -> (2, 3, S, S): two independent augmentations, normalised as the model's input."""
+    """image (PIL or uint8 tensor) -> uint8 (2, 3, S, S): two independent augmentations, at the model's input size."""
 
     def __init__(self, cfg: ImageSslConfig, preprocess_cfg: dict):
         size = preprocess_cfg["size"]
@@ -33,8 +34,6 @@ class TwoViews:
                 v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=cfg.blur_p),
                 v2.RandomHorizontalFlip(p=cfg.flip_p),
                 v2.ToImage(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean=list(preprocess_cfg["mean"]), std=list(preprocess_cfg["std"])),
             ]
         )
 
