@@ -37,7 +37,7 @@ from fractions import Fraction
 from typing import Any, NamedTuple, Protocol
 
 # Seed domains: each kind of random draw gets its own stream of seeds.
-_SHARD_ORDER, _BLOCK_ORDER, _RESAMPLE, SAMPLE_AUGMENT = 1, 2, 3, 4
+_SHARD_ORDER, _BLOCK_ORDER, _RESAMPLE, SAMPLE_AUGMENT, SAMPLE_VIEWS = 1, 2, 3, 4, 5
 # How many consecutive epochs of nothing readable a stream tolerates before it stops the run.
 MAX_EMPTY_EPOCHS = 10
 # Blocks when shuffling is off (`data.shuffle_buffer: 0`): large enough that per-block work is noise.

@@ -23,7 +23,6 @@ import signal
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -33,6 +32,7 @@ from clip_pipe.data.decode import CropSource, decode_for_crop, decode_uint8
 from clip_pipe.data.open import ShardReader
 from clip_pipe.data.order import (
     SAMPLE_AUGMENT,
+    SAMPLE_VIEWS,
     DataOrder,
     Item,
     OrderSpec,
@@ -265,10 +265,10 @@ class ImageTextStream(IterableDataset):
             # hit it), and counting it as a skipped sample would hide it.
             images.append(self.augment.crop(image, random.Random(sample_seed)))
             if self.views:
-                # From the same decoded image: never decoded twice. torchvision's transforms draw from
-                # torch's CPU generator, seeded the same way for the same reason.
-                with _seeded_cpu_rng(sample_seed):
-                    image_views.append(self.views(image))
+                # From the same decoded image: never decoded twice; drawn, like the crop, from a generator
+                # seeded by the sample's place (its own stream of draws, not the crop's).
+                views_seed = seed_of(self.order.sources[0].seed, SAMPLE_VIEWS, *item.identity)
+                image_views.append(self.views(image, random.Random(views_seed)))
             captions.append(caption)
             keys.append(sample["__key__"])
         return {
@@ -317,19 +317,6 @@ def build_stream(
         reader,
     )
     return stream, start
-
-
-@contextmanager
-def _seeded_cpu_rng(seed: int) -> Iterator[None]:
-    # torch.manual_seed and fork_rng also reseed every accelerator backend, which costs some 130 us a
-    # call on a CUDA build; the views draw from the CPU generator alone, at 2 us to save and restore.
-    generator = torch.default_generator
-    state = generator.get_state()
-    generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        generator.set_state(state)
 
 
 class CachedTokenizer:
