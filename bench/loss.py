@@ -182,6 +182,11 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, default=8.0, help="most any one process may grow")
     args = parser.parse_args()
     cap = int(args.cap_gib * GIB)
+    # The cap limits address space (RLIMIT_AS), and glibc reserves 64 MiB of it for each thread's malloc
+    # arena: with gloo's and torch's threads that reservation alone could reach a small cap, and a worker
+    # then aborted at random ("terminate called without an active exception"). Two arenas bound it; the
+    # spawned workers inherit the setting.
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 
     rows = []
     if args.demo_repeats:
