@@ -128,6 +128,7 @@ def engine_worker(rank: int, port: int, stage: int, precision: str, model_cfg: d
 
 
 def engine_part(model_names: list[str], precisions: list[str], stages: list[int]) -> list[dict]:
+    import bench.loss as bl  # its spawn: WORLD fresh processes, rank 0's result
     from clip_pipe.plan import Setup
     from clip_pipe.plan.planner import model_view, peak_memory
 
@@ -138,7 +139,7 @@ def engine_part(model_names: list[str], precisions: list[str], stages: list[int]
             for name in ["fixed cost", *model_names]:
                 model_cfg = ENGINE_MODELS[name]
                 start = time.monotonic()
-                rises = spawn(engine_worker, stage, precision, model_cfg)
+                rises = bl.spawn(engine_worker, stage, precision, model_cfg)
                 measured = max(r["peak"] for r in rises)
                 setup = Setup(name, WORLD, WORLD * ENGINE_BATCH, zero_stage=stage, precision=precision)
                 m = model_view(setup, model_cfg)
@@ -347,26 +348,6 @@ def published_part() -> dict:
 
 
 # --- processes ---------------------------------------------------------------------------------
-
-
-def spawn(fn, *args, timeout: float = 1800) -> list | dict:
-    """`fn(rank, port, *args, out)` in WORLD fresh processes; what rank 0 wrote to `out`."""
-    import torch.multiprocessing as mp
-
-    from clip_pipe.distributed import free_port
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = f"{tmp}/out.json"
-        context = mp.start_processes(
-            fn, args=(free_port(), *args, out), nprocs=WORLD, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + timeout
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                raise RuntimeError(f"{fn.__name__}{args} still running after {timeout} s")
-        return json.loads(Path(out).read_text())
 
 
 def spawn_one(fn, *args, timeout: float = 1800) -> dict:

@@ -82,28 +82,33 @@ def _train_ranks(rank: int, world_size: int, out: str) -> None:
             torch.save(weights, f"{out}.zero{stage}")
 
 
-def reference_params() -> tuple[dict, dict]:
-    """Plain torch, one process, the whole global batch: what the distributed run must reproduce."""
+def train_reference(model: torch.nn.Module, o, loss_at) -> None:
+    """Plain torch, one process: NUM_STEPS AdamW steps with the engine's parameter groups, betas, eps and
+    schedule (optim config `o`) on `loss_at(step)`, the whole global batch's loss. The single-process
+    reference each multi-rank engine test compares against."""
     from clip_pipe.engine import param_groups
 
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+    )
+    for step in range(NUM_STEPS):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, o, NUM_STEPS)
+        loss = loss_at(step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def reference_params() -> tuple[dict, dict]:
+    """Plain torch, one process, the whole global batch: what the distributed run must reproduce."""
     cfg = make_cfg(0)
     torch.manual_seed(0)
     encoder = build_model(cfg.model)
     model = encoder.model
     initial = export_state_dict(model)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
-    )
     loss_fn = ClipLoss()
-    for step in range(NUM_STEPS):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, o, NUM_STEPS)
-        images, texts = global_batch(step, encoder.tokenizer)
-        loss = loss_fn(*model(images, texts))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_reference(model, cfg.optim, lambda step: loss_fn(*model(*global_batch(step, encoder.tokenizer))))
     return initial, export_state_dict(model)
 
 

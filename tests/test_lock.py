@@ -14,7 +14,7 @@ from clip_pipe.config import ModelConfig
 from clip_pipe.model import build_model, export_state_dict
 from clip_pipe.train import lr_at
 from tests.conftest import run_ranks
-from tests.test_engine import NUM_LOCAL, NUM_STEPS, WORLD, global_batch, make_cfg
+from tests.test_engine import NUM_LOCAL, NUM_STEPS, WORLD, global_batch, make_cfg, train_reference
 from tests.test_model import tiny_hf_text_model
 
 # The image tower locked but its top two groups (the last block with ln_post, and the projection); the text
@@ -151,24 +151,13 @@ def _locked_ranks(rank: int, world_size: int, out: str) -> None:
 
 def reference(*overrides: str) -> tuple[dict, set[str]]:
     """Plain torch, one process, the whole global batch, the same locks."""
-    from clip_pipe.engine import param_groups
     from clip_pipe.losses import ClipLoss
 
     cfg = make_cfg(0, None, *overrides)
     torch.manual_seed(0)
     encoder = build_model(cfg.model)
-    model, o = encoder.model.train(), cfg.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
-    )
-    for step in range(NUM_STEPS):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, o, NUM_STEPS)
-        images, texts = global_batch(step, encoder.tokenizer)
-        loss = ClipLoss()(*model(images, texts))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    model = encoder.model.train()
+    train_reference(model, cfg.optim, lambda step: ClipLoss()(*model(*global_batch(step, encoder.tokenizer))))
     return export_state_dict(model), trainable(model)
 
 

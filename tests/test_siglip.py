@@ -226,27 +226,17 @@ def _train_ranks(rank: int, world_size: int, out: str) -> None:
 
 
 def reference_params() -> tuple[dict, dict]:
-    from clip_pipe.engine import param_groups
     from clip_pipe.model import export_state_dict
-    from clip_pipe.train import lr_at
-    from tests.test_engine import NUM_STEPS, global_batch
+    from tests.test_engine import global_batch, train_reference
 
     cfg = _engine_cfg(0, 1)
     torch.manual_seed(0)
     encoder = build_model(cfg.model, cfg.loss)
-    model, o = encoder.model, cfg.optim
+    model = encoder.model
     initial = export_state_dict(model)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+    train_reference(
+        model, cfg.optim, lambda step: naive_sigmoid_loss(*model(*global_batch(step, encoder.tokenizer)))
     )
-    for step in range(NUM_STEPS):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, o, NUM_STEPS)
-        images, texts = global_batch(step, encoder.tokenizer)
-        loss = naive_sigmoid_loss(*model(images, texts))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
     return initial, export_state_dict(model)
 
 

@@ -14,7 +14,15 @@ from clip_pipe.losses.ssl import NtXentLoss, WithImageSsl
 from clip_pipe.model import add_image_ssl_head, build_model, export_state_dict
 from clip_pipe.train import lr_at
 from tests.conftest import run_ranks
-from tests.test_engine import NUM_LOCAL, NUM_STEPS, WORLD, global_batch, make_cfg, partition_everything
+from tests.test_engine import (
+    NUM_LOCAL,
+    NUM_STEPS,
+    WORLD,
+    global_batch,
+    make_cfg,
+    partition_everything,
+    train_reference,
+)
 from tests.test_ssl import naive_nt_xent
 
 WEIGHT, TEMPERATURE = 0.5, 0.2
@@ -58,7 +66,6 @@ def _train_ranks(rank: int, world_size: int, out: str) -> None:
 
 def reference_params() -> tuple[dict, dict, dict]:
     """Plain torch, one process, the whole global batch and both views of every image."""
-    from clip_pipe.engine import param_groups
 
     cfg = make_cfg(0)
     torch.manual_seed(0)
@@ -66,21 +73,15 @@ def reference_params() -> tuple[dict, dict, dict]:
     add_image_ssl_head(encoder)
     model = encoder.model
     initial = export_state_dict(model)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
-    )
-    for step in range(NUM_STEPS):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, o, NUM_STEPS)
-        images, texts = global_batch(step, encoder.tokenizer)
+
+    def loss_at(step: int) -> torch.Tensor:
         views = global_views(step)
         view_embeddings = model.encode_image(views.flatten(0, 1), normalize=True)
         view_features = model.image_ssl_head(view_embeddings).unflatten(0, (len(views), 2))
-        loss = ClipLoss()(*model(images, texts)) + WEIGHT * naive_nt_xent(view_features, TEMPERATURE)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        clip = ClipLoss()(*model(*global_batch(step, encoder.tokenizer)))
+        return clip + WEIGHT * naive_nt_xent(view_features, TEMPERATURE)
+
+    train_reference(model, cfg.optim, loss_at)
     head = {k: v.detach().clone() for k, v in model.image_ssl_head.state_dict().items()}
     return initial, export_state_dict(model), head
 
